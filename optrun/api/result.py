@@ -1,0 +1,179 @@
+"""The result contract: what the runtime writes (report.json, and compacted as the pod's
+termination message) and what the operator and `optrun run` read. Field names are fixed by
+DESIGN.md; fields may be added, never renamed. Pure pydantic: no torch, no kubernetes.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _Model(BaseModel):
+    # Results are read back from pods that may run a newer runtime: tolerate added fields.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Decision(StrEnum):
+    GO = "GO"
+    CONDITIONAL_GO = "CONDITIONAL_GO"
+    NO_GO = "NO_GO"
+
+
+class Category(StrEnum):
+    CRITICAL_INFRASTRUCTURE = "critical-infrastructure"
+    SAFETY = "safety"
+    END_TO_END = "end-to-end"
+    STABILITY = "stability"
+    TUNING = "tuning"
+
+
+RiskLevel = Literal["low", "medium", "high"]
+Scalar = float | int | str | bool | None
+
+
+class Expected(_Model):
+    """What a measurement is compared against: a range (either end optional) or an exact value."""
+
+    min: float | None = None
+    max: float | None = None
+    equals: Scalar | list[Scalar] = None
+
+    def describe(self) -> str:
+        if self.equals is not None:
+            return f"== {self.equals}"
+        if self.min is not None and self.max is not None:
+            return f"{self.min:g}..{self.max:g}"
+        if self.min is not None:
+            return f">= {self.min:g}"
+        if self.max is not None:
+            return f"<= {self.max:g}"
+        return "any"
+
+
+class TestResult(_Model):
+    """One acceptance test, as measured."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    category: Category
+    critical: bool = False
+    passed: bool
+    measured: Scalar | list[Scalar] | dict[str, Any] = None
+    expected: Expected | None = None
+    reason: str = ""
+    # Timed measurements are repeated: the check uses the median, the spread is reported.
+    spread: float | None = None
+    repeats: int | None = None
+    unit: str = ""
+
+
+class AcceptanceSummary(_Model):
+    collected: int = 0
+    passed: int = 0
+    failed: int = 0
+    pass_rate: float = 0.0
+    target: float = 0.95
+    minimum: float = 0.85
+
+
+class SafetySummary(_Model):
+    trips: dict[str, int] = Field(default_factory=dict)
+    recoveries: int = 0
+    events: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Timing(_Model):
+    """A repeated measurement: median, extremes and how many repeats."""
+
+    median: float = 0.0
+    min: float = 0.0
+    max: float = 0.0
+    repeats: int = 0
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: the relative spread of the repeats."""
+        return (self.max - self.min) / self.median if self.median else 0.0
+
+
+class TrainingSummary(_Model):
+    epochs: int = 0
+    steps: int = 0
+    final_loss: float = 0.0
+    final_accuracy: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+class HardwareInfo(_Model):
+    device: str = "cpu"
+    name: str = ""
+    memory_bytes: int = 0
+    capability: str | None = None
+    device_class: str = "cpu"
+    dtypes: dict[str, bool] = Field(default_factory=dict)
+    triton_native: bool = False
+    cpu_count: int = 0
+    torch_version: str = ""
+
+
+class Scorecard(_Model):
+    """The weighted score's parts, each in 0..1, and their weights."""
+
+    parts: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+class Result(_Model):
+    decision: Decision
+    score: float
+    risk_level: RiskLevel
+    acceptance: AcceptanceSummary
+    tests: list[TestResult] = Field(default_factory=list)
+    safety: SafetySummary = Field(default_factory=SafetySummary)
+    speedups: dict[str, Timing] = Field(default_factory=dict)
+    training: TrainingSummary = Field(default_factory=TrainingSummary)
+    hardware: HardwareInfo = Field(default_factory=HardwareInfo)
+    recommendations: list[str] = Field(default_factory=list)
+    scorecard: Scorecard = Field(default_factory=Scorecard)
+    # Anything a stage adds (kernel choices, kv-cache sweep, rlvr curve...): free-form.
+    details: dict[str, Any] = Field(default_factory=dict)
+    exit_reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def compact(self, limit: int = 4096) -> str:
+        """The termination-message form: at most `limit` bytes of JSON.
+
+        Drops, in order, what the operator can live without: details, passed tests, safety
+        events, recommendations beyond the first few, failed tests beyond the first few."""
+        doc = self.to_json()
+        doc.pop("details", None)
+        doc["safety"].pop("events", None)
+        doc["tests"] = [_short_test(t) for t in doc["tests"] if not t["passed"]]
+        for key, keep in (("recommendations", 3), ("tests", 8), ("tests", 3), ("recommendations", 1)):
+            text = json.dumps(doc, separators=(",", ":"))
+            if len(text.encode()) <= limit:
+                return text
+            doc[key] = doc[key][:keep]
+        doc["tests"], doc["recommendations"] = [], []
+        doc.pop("scorecard", None)
+        text = json.dumps(doc, separators=(",", ":"))
+        if len(text.encode()) > limit:
+            doc.pop("speedups", None)
+            text = json.dumps(doc, separators=(",", ":"))
+        return text
+
+
+def _short_test(t: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: t[k] for k in ("name", "category", "critical", "passed", "measured", "expected", "reason")}
+    if isinstance(keep["measured"], dict | list) and len(json.dumps(keep["measured"])) > 120:
+        keep["measured"] = None
+    keep["reason"] = keep["reason"][:160]
+    return keep
