@@ -74,12 +74,19 @@ class TestResult(_Model):
 
 
 class AcceptanceSummary(_Model):
-    collected: int = 0
-    passed: int = 0
-    failed: int = 0
-    pass_rate: float = 0.0
-    target: float = 0.95
-    minimum: float = 0.85
+    """Counts of the acceptance tests and the policy they were judged by (see optrun.judge)."""
+
+    collected: int = Field(0, ge=0, description="Acceptance tests that ran.")
+    passed: int = Field(0, ge=0, description="Tests that passed.")
+    failed: int = Field(0, ge=0, description="Tests that failed.")
+    pass_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="passed / collected; 0 when nothing was collected."
+    )
+    target: float = Field(0.95, ge=0.0, le=1.0, description="Pass rate needed for GO.")
+    minimum: float = Field(0.85, ge=0.0, le=1.0, description="Pass rate needed for CONDITIONAL_GO.")
+    # Kept in the summary so that the decision can be re-derived from it alone (optrun.judge.decide),
+    # even from a termination message that had to drop the failed tests to fit in 4 KiB.
+    critical_failed: int = Field(0, ge=0, description="Critical tests that failed (any one means NO_GO).")
 
 
 class SafetySummary(_Model):
@@ -123,10 +130,14 @@ class HardwareInfo(_Model):
 
 
 class Scorecard(_Model):
-    """The weighted score's parts, each in 0..1, and their weights."""
+    """The weighted score's parts, each in 0..1, and their weights (see optrun.judge.score).
+
+    A part whose tests were not collected is listed in `unmeasured` and missing from `parts`;
+    its weight is shared out among the measured parts."""
 
     parts: dict[str, float] = Field(default_factory=dict)
     weights: dict[str, float] = Field(default_factory=dict)
+    unmeasured: list[str] = Field(default_factory=list)
 
 
 class Result(_Model):
@@ -144,6 +155,8 @@ class Result(_Model):
     # Anything a stage adds (kernel choices, kv-cache sweep, rlvr curve...): free-form.
     details: dict[str, Any] = Field(default_factory=dict)
     exit_reason: str = ""
+    # Why the judge decided as it did, in one sentence (the operator's condition message).
+    decision_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
