@@ -9,7 +9,14 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${OPTRUN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/optrun}
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || { echo "setup: $py not found; set PYTHON to a Python >= 3.11" >&2; exit 1; }
-key=$("$py" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()+sys.version.encode()).hexdigest()[:16])' "$root/pyproject.toml")
+# The key covers what pip installs (dependencies and extras) and the interpreter, not tool settings.
+key=$("$py" - "$root/pyproject.toml" <<'PY'
+import hashlib, json, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+deps = {"dependencies": project.get("dependencies", []), "extras": project.get("optional-dependencies", {})}
+print(hashlib.sha256((json.dumps(deps, sort_keys=True) + sys.version).encode()).hexdigest()[:16])
+PY
+)
 venv=$cache/venv-$key
 mkdir -p "$cache"
 if [ ! -f "$venv/.complete" ]; then

@@ -84,8 +84,15 @@ def _bounds(field: FieldInfo | None) -> str:
 
 def _type_name(kind: str, field: FieldInfo | None) -> str:
     prefix = kind.split("_")[0]
-    names = {"int": "integer", "float": "number", "bool": "true or false", "string": "string",
-             "dict": "mapping", "list": "list", "model": "mapping"}
+    names = {
+        "int": "integer",
+        "float": "number",
+        "bool": "true or false",
+        "string": "string",
+        "dict": "mapping",
+        "list": "list",
+        "model": "mapping",
+    }
     return names.get(prefix, prefix)
 
 

@@ -58,7 +58,8 @@ class Workload(Spec):
     sequence_length: int = Field(64, ge=8, le=32768, description="Tokens per training sequence.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Compute dtype of training and inference (bf16/fp16 need a GPU that supports them)."
+        "fp32",
+        description="Compute dtype of training and inference (bf16/fp16 need a GPU that supports them).",
     )
 
     @field_validator("model")
@@ -92,15 +93,22 @@ class Compression(Spec):
 
     enabled: bool = Field(False, description="Apply compression.")
     codec: Literal["int8", "int8-block", "fp8", "int4", "topk", "lowrank"] = Field(
-        "int8", description="Codec: int8 absmax per channel, int8 per block, fp8 e4m3, int4 group-wise, top-k, low-rank."
+        "int8",
+        description="Codec: int8 absmax per channel, int8 per block, fp8 e4m3, int4 group-wise, top-k, low-rank.",
     )
     target: Literal["weights", "gradients", "both"] = Field(
-        "weights", description="weights: weight-only quantized inference; gradients: compressed data-parallel allreduce."
+        "weights",
+        description="weights: weight-only quantized inference; gradients: compressed data-parallel allreduce.",
     )
     max_reconstruction_error: float = Field(
-        0.02, gt=0.0, le=1.0, description="Largest relative error (||x - x'|| / ||x||) a tensor may have; above it the tensor stays full precision."
+        0.02,
+        gt=0.0,
+        le=1.0,
+        description="Largest relative error (||x - x'|| / ||x||) a tensor may have; above it the tensor stays full precision.",
     )
-    group_size: int = Field(128, ge=8, le=4096, description="Elements per scale group for int4 and int8-block.")
+    group_size: int = Field(
+        128, ge=8, le=4096, description="Elements per scale group for int4 and int8-block."
+    )
     rank: int = Field(4, ge=1, le=1024, description="Rank of the low-rank codec.")
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0, description="Fraction of elements the top-k codec keeps.")
 
@@ -111,13 +119,21 @@ class KVCache(Spec):
     enabled: bool = Field(False, description="Run the KV-cache scaling sweep.")
     dtype: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = Field("int8", description="Cache storage dtype.")
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [1, 4, 16], min_length=1, max_length=16, description="Batch sizes of the sweep."
+        default_factory=lambda: [1, 4, 16],
+        min_length=1,
+        max_length=16,
+        description="Batch sizes of the sweep.",
     )
     context_lengths: list[Annotated[int, Field(ge=8, le=131072)]] = Field(
-        default_factory=lambda: [64, 256], min_length=1, max_length=16, description="Context lengths (tokens) of the sweep."
+        default_factory=lambda: [64, 256],
+        min_length=1,
+        max_length=16,
+        description="Context lengths (tokens) of the sweep.",
     )
     memory_budget_bytes: int | None = Field(
-        None, ge=1, description="Cache memory budget for the largest-batch search, in bytes; default: a quarter of device memory."
+        None,
+        ge=1,
+        description="Cache memory budget for the largest-batch search, in bytes; default: a quarter of device memory.",
     )
 
 
@@ -134,21 +150,28 @@ class Checkpoint(Spec):
     every_steps: int = Field(50, ge=1, le=1_000_000, description="Optimizer steps between checkpoints.")
     keep: int = Field(3, ge=1, le=100, description="How many of the newest checkpoints are kept.")
     claim_name: str | None = Field(
-        None, max_length=253, description="PersistentVolumeClaim for checkpoints in the cluster; default: an emptyDir."
+        None,
+        max_length=253,
+        description="PersistentVolumeClaim for checkpoints in the cluster; default: an emptyDir.",
     )
 
 
 class Training(Spec):
     epochs: int = Field(5, ge=1, le=1000, description="Passes over the training split.")
     steps_per_epoch: int | None = Field(
-        None, ge=1, le=10_000_000, description="Optimizer steps per epoch; default: as many as the split holds tokens for."
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Optimizer steps per epoch; default: as many as the split holds tokens for.",
     )
     learning_rate: float = Field(3.0e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0.0, le=1000.0, description="Global gradient-norm clip.")
     seed: int = Field(1234, ge=0, le=2**31 - 1, description="Seed of weights, data order and sampling.")
-    target_accuracy: float = Field(0.35, ge=0.0, le=1.0, description="Held-out next-token accuracy the run must reach.")
+    target_accuracy: float = Field(
+        0.35, ge=0.0, le=1.0, description="Held-out next-token accuracy the run must reach."
+    )
     eval_batches: int = Field(8, ge=1, le=1000, description="Held-out batches per evaluation.")
     checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Checkpointing.")
 
@@ -161,9 +184,13 @@ class RLVR(Spec):
     steps: int = Field(60, ge=1, le=100_000, description="GRPO policy updates.")
     group_size: int = Field(8, ge=2, le=256, description="Completions sampled per prompt.")
     prompts_per_step: int = Field(8, ge=1, le=1024, description="Prompts per GRPO update.")
-    kl_coefficient: float = Field(0.04, ge=0.0, le=10.0, description="Weight of the KL penalty to the frozen reference (0 allowed).")
+    kl_coefficient: float = Field(
+        0.04, ge=0.0, le=10.0, description="Weight of the KL penalty to the frozen reference (0 allowed)."
+    )
     learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0, description="Policy learning rate.")
-    warmup_steps: int = Field(200, ge=0, le=100_000, description="Supervised warm-up steps on the task family before RL (reported).")
+    warmup_steps: int = Field(
+        200, ge=0, le=100_000, description="Supervised warm-up steps on the task family before RL (reported)."
+    )
     max_digits: int = Field(2, ge=1, le=9, description="Largest operand size, in digits.")
 
 
@@ -171,8 +198,12 @@ class RLVR(Spec):
 
 
 class GradientFlow(Spec):
-    min_norm: float = Field(1.0e-8, ge=0.0, description="Below this per-group gradient norm the flow has vanished.")
-    max_norm: float = Field(1.0e4, gt=0.0, description="Above this per-group gradient norm the flow has exploded.")
+    min_norm: float = Field(
+        1.0e-8, ge=0.0, description="Below this per-group gradient norm the flow has vanished."
+    )
+    max_norm: float = Field(
+        1.0e4, gt=0.0, description="Above this per-group gradient norm the flow has exploded."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> GradientFlow:
@@ -183,11 +214,18 @@ class GradientFlow(Spec):
 
 class Safety(Spec):
     non_finite_loss: Literal["rollback", "skip", "fail"] = Field(
-        "rollback", description="On a NaN/Inf loss: roll back to the last good checkpoint, skip the batch, or fail."
+        "rollback",
+        description="On a NaN/Inf loss: roll back to the last good checkpoint, skip the batch, or fail.",
     )
-    gradient_flow: GradientFlow = Field(default_factory=GradientFlow, description="Gradient-norm bounds per layer group.")
-    max_recoveries: int = Field(3, ge=0, le=100, description="Recoveries allowed before the safety gate fails.")
-    hang_timeout_seconds: int = Field(300, ge=5, le=86400, description="Seconds without progress before a hang is reported.")
+    gradient_flow: GradientFlow = Field(
+        default_factory=GradientFlow, description="Gradient-norm bounds per layer group."
+    )
+    max_recoveries: int = Field(
+        3, ge=0, le=100, description="Recoveries allowed before the safety gate fails."
+    )
+    hang_timeout_seconds: int = Field(
+        300, ge=5, le=86400, description="Seconds without progress before a hang is reported."
+    )
 
 
 # --- acceptance -----------------------------------------------------------------------------
@@ -205,15 +243,23 @@ class Range(Spec):
 
 
 class Reproducibility(Spec):
-    rtol: float = Field(1.3e-6, ge=0.0, le=1.0, description="Relative tolerance between two same-seed runs (fp32).")
-    atol: float = Field(1.0e-5, ge=0.0, le=1.0, description="Absolute tolerance between two same-seed runs (fp32).")
+    rtol: float = Field(
+        1.3e-6, ge=0.0, le=1.0, description="Relative tolerance between two same-seed runs (fp32)."
+    )
+    atol: float = Field(
+        1.0e-5, ge=0.0, le=1.0, description="Absolute tolerance between two same-seed runs (fp32)."
+    )
 
 
 class Weights(Spec):
-    critical_infrastructure: float = Field(0.40, ge=0.0, le=1.0, description="Weight of critical infrastructure tests.")
+    critical_infrastructure: float = Field(
+        0.40, ge=0.0, le=1.0, description="Weight of critical infrastructure tests."
+    )
     safety_gates: float = Field(0.20, ge=0.0, le=1.0, description="Weight of safety gate tests.")
     pass_rate: float = Field(0.15, ge=0.0, le=1.0, description="Weight of the overall pass rate.")
-    non_critical_failures: float = Field(0.15, ge=0.0, le=1.0, description="Weight of the non-critical tests.")
+    non_critical_failures: float = Field(
+        0.15, ge=0.0, le=1.0, description="Weight of the non-critical tests."
+    )
     gpu_stability: float = Field(0.10, ge=0.0, le=1.0, description="Weight of the stability tests.")
 
     @model_validator(mode="after")
@@ -235,18 +281,27 @@ class Acceptance(Spec):
         ),
     )
     convergence_smoothness: float = Field(
-        0.05, gt=0.0, le=10.0, description="Largest allowed share of evaluation steps where held-out loss rose."
+        0.05,
+        gt=0.0,
+        le=10.0,
+        description="Largest allowed relative rise of held-out loss between consecutive evaluations (0.05 = 5%).",
     )
-    reproducibility: Reproducibility = Field(default_factory=Reproducibility, description="Same-seed tolerances.")
+    reproducibility: Reproducibility = Field(
+        default_factory=Reproducibility, description="Same-seed tolerances."
+    )
     weights: Weights = Field(default_factory=Weights, description="Score weights (sum to 1).")
-    repeats: int = Field(5, ge=1, le=100, description="Repeats of each timed measurement (the median is judged).")
+    repeats: int = Field(
+        5, ge=1, le=100, description="Repeats of each timed measurement (the median is judged)."
+    )
 
     @field_validator("speedups")
     @classmethod
     def _known_keys(cls, v: dict[str, Range]) -> dict[str, Range]:
         unknown = sorted(set(v) - set(SPEEDUP_KEYS))
         if unknown:
-            raise ValueError(f"unknown speedup key(s) {', '.join(unknown)}; allowed: {', '.join(SPEEDUP_KEYS)}")
+            raise ValueError(
+                f"unknown speedup key(s) {', '.join(unknown)}; allowed: {', '.join(SPEEDUP_KEYS)}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -266,29 +321,46 @@ class Fault(Spec):
         description="What to inject."
     )
     at_step: int = Field(ge=0, le=100_000_000, description="Global optimizer step at which it fires.")
-    persistent: bool = Field(False, description="Fire again on every retry of that step (a fault no recovery fixes).")
-    duration_seconds: float = Field(0.0, ge=0.0, le=86400.0, description="For stall: how long the step hangs, in seconds.")
+    persistent: bool = Field(
+        False,
+        description="Fire at atStep and at every step after it (a fault no recovery fixes); default: once.",
+    )
+    duration_seconds: float = Field(
+        0.0, ge=0.0, le=86400.0, description="For stall: how long the step hangs, in seconds."
+    )
 
 
 class Toleration(Spec):
     key: str | None = Field(None, description="Taint key.")
     operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists or Equal.")
     value: str | None = Field(None, description="Taint value (with Equal).")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect."
+    )
 
 
 class Resources(Spec):
     gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu count for the runtime pod.")
     gpu_product: str | None = Field(
-        None, max_length=253, description="Value of the nvidia.com/gpu.product node label to schedule on, e.g. NVIDIA-H100-80GB-HBM3."
+        None,
+        max_length=253,
+        description="Value of the nvidia.com/gpu.product node label to schedule on, e.g. NVIDIA-H100-80GB-HBM3.",
     )
-    cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = Field("4", description="CPU request and limit (Kubernetes quantity).")
-    memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = Field("16Gi", description="Memory request and limit (Kubernetes quantity).")
+    cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = Field(
+        "4", description="CPU request and limit (Kubernetes quantity)."
+    )
+    memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = Field(
+        "16Gi", description="Memory request and limit (Kubernetes quantity)."
+    )
 
 
 class Scheduling(Spec):
-    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the runtime pod.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Extra tolerations.")
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the runtime pod."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Extra tolerations."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
 
 
@@ -296,7 +368,9 @@ class OptimizationRunSpec(Spec):
     """An optimization run: what to optimize, how, and what counts as success."""
 
     workload: Workload = Field(description="What is optimized.")
-    optimizations: Optimizations = Field(default_factory=Optimizations, description="Which optimizations to apply.")
+    optimizations: Optimizations = Field(
+        default_factory=Optimizations, description="Which optimizations to apply."
+    )
     training: Training = Field(default_factory=Training, description="Training loop.")
     rlvr: RLVR = Field(default_factory=RLVR, description="RLVR stage.")
     safety: Safety = Field(default_factory=Safety, description="Safety gates.")
@@ -304,11 +378,23 @@ class OptimizationRunSpec(Spec):
     faults: list[Fault] = Field(default_factory=list, max_length=32, description="Faults to inject.")
     resources: Resources = Field(default_factory=Resources, description="Runtime pod resources.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Runtime pod placement.")
-    image: str | None = Field(None, max_length=512, description="Runtime image; default: the operator's configured image.")
-    backoff_limit: int = Field(3, ge=0, le=100, description="Failed attempts retried (resuming from the checkpoint) before the run fails.")
-    active_deadline_seconds: int | None = Field(None, ge=1, le=2_592_000, description="Wall-clock limit of the whole run, in seconds.")
+    image: str | None = Field(
+        None, max_length=512, description="Runtime image; default: the operator's configured image."
+    )
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Failed attempts retried (resuming from the checkpoint) before the run fails.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=2_592_000, description="Wall-clock limit of the whole run, in seconds."
+    )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, le=31_536_000, description="Seconds after the run finishes before it is deleted; unset: kept."
+        None,
+        ge=0,
+        le=31_536_000,
+        description="Seconds after the run finishes before it is deleted; unset: kept.",
     )
     suspend: bool = Field(False, description="Stop the runtime pod and keep the checkpoint; false resumes.")
 
@@ -323,12 +409,16 @@ class Status(BaseModel):
 
 
 class Condition(Status):
-    type: str = Field(description="Scheduled, Running, SafetyGatesPassed, AcceptancePassed, Complete or Failed.")
+    type: str = Field(
+        description="Scheduled, Running, SafetyGatesPassed, AcceptancePassed, Complete or Failed."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason a person can search for.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="RFC 3339 time of the last status change.")
-    observed_generation: int | None = Field(None, description="metadata.generation the condition was computed from.")
+    observed_generation: int | None = Field(
+        None, description="metadata.generation the condition was computed from."
+    )
 
 
 class FailedTest(Status):
@@ -341,7 +431,9 @@ class FailedTest(Status):
 
 
 class AcceptanceStatus(AcceptanceSummary):
-    failures: list[FailedTest] = Field(default_factory=list, description="Failed tests, measured against expected.")
+    failures: list[FailedTest] = Field(
+        default_factory=list, description="Failed tests, measured against expected."
+    )
 
 
 class Progress(Status):
@@ -362,7 +454,9 @@ Phase = Literal["Pending", "Running", "Recovering", "Succeeded", "Failed", "Susp
 
 
 class OptimizationRunStatus(Status):
-    phase: Phase | None = Field(None, description="Pending, Running, Recovering, Succeeded, Failed or Suspended.")
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Recovering, Succeeded, Failed or Suspended."
+    )
     decision: Decision | None = Field(None, description="GO, CONDITIONAL_GO or NO_GO.")
     score: float | None = Field(None, description="Weighted score, 0..1.")
     risk_level: Literal["low", "medium", "high"] | None = Field(None, description="Risk from what failed.")
@@ -378,7 +472,9 @@ class OptimizationRunStatus(Status):
     completion_time: str | None = Field(None, description="When the run reached a terminal phase (RFC 3339).")
     observed_generation: int | None = Field(None, description="Last metadata.generation acted on.")
     message: str = Field("", description="Latest human-readable summary.")
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions in the Kubernetes API convention.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Conditions in the Kubernetes API convention."
+    )
 
 
 def parse_manifest(doc: dict[str, Any]) -> OptimizationRunSpec:
@@ -396,7 +492,9 @@ def parse_manifest(doc: dict[str, Any]) -> OptimizationRunSpec:
         problems.append(f"kind: {doc.get('kind')!r} is not allowed; allowed: {KIND}")
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
     if not name or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", str(name)) or len(str(name)) > 63:
-        problems.append(f"metadata.name: {name!r} is not a valid name; allowed: lowercase DNS label, at most 63 characters")
+        problems.append(
+            f"metadata.name: {name!r} is not a valid name; allowed: lowercase DNS label, at most 63 characters"
+        )
     unknown = sorted(set(doc) - {"apiVersion", "kind", "metadata", "spec", "status"})
     problems += [f"{k}: unknown field; allowed: apiVersion, kind, metadata, spec" for k in unknown]
     if "spec" not in doc:

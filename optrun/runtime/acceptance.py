@@ -63,8 +63,15 @@ def in_range(
     reason = f"{what}: measured {value:.4g}{u} against {exp.describe()}{u}"
     if spread is not None:
         reason += f" (median of {repeats}, spread {spread:.1%})"
-    return Check(passed=ok, measured=round(value, 6), expected=exp, reason=reason, spread=spread,
-                 repeats=repeats, unit=u)
+    return Check(
+        passed=ok,
+        measured=round(value, 6),
+        expected=exp,
+        reason=reason,
+        spread=spread,
+        repeats=repeats,
+        unit=u,
+    )
 
 
 def always(spec: OptimizationRunSpec) -> bool:
@@ -119,12 +126,24 @@ class Registry:
                 log.warning("acceptance test %s raised: %s", t.name, traceback.format_exc())
                 check = Check(passed=False, reason=f"error: {type(exc).__name__}: {exc}")
             result = TestResult(
-                name=t.name, category=t.category, critical=t.critical, passed=bool(check.passed),
-                measured=check.measured, expected=check.expected, reason=check.reason,
-                spread=check.spread, repeats=check.repeats, unit=check.unit,
+                name=t.name,
+                category=t.category,
+                critical=t.critical,
+                passed=bool(check.passed),
+                measured=check.measured,
+                expected=check.expected,
+                reason=check.reason,
+                spread=check.spread,
+                repeats=check.repeats,
+                unit=check.unit,
             )
-            log.info("acceptance %s: %s (%.2fs) %s", t.name, "pass" if result.passed else "FAIL",
-                     time.monotonic() - started, check.reason)
+            log.info(
+                "acceptance %s: %s (%.2fs) %s",
+                t.name,
+                "pass" if result.passed else "FAIL",
+                time.monotonic() - started,
+                check.reason,
+            )
             results.append(result)
             if on_result is not None:
                 on_result(result)

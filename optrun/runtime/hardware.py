@@ -14,7 +14,14 @@ import torch
 from optrun.api.result import HardwareInfo
 
 # Device classes with their own default acceptance ranges (see optrun.runtime.speedup).
-_CLASSES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L40", "l40s"), ("A10", "a10"), ("L4", "l4"))
+_CLASSES = (
+    ("H200", "h200"),
+    ("H100", "h100"),
+    ("A100", "a100"),
+    ("L40", "l40s"),
+    ("A10", "a10"),
+    ("L4", "l4"),
+)
 
 
 def device_class(name: str, device_type: str) -> str:
@@ -54,10 +61,15 @@ def detect(prefer: str | None = None) -> tuple[torch.device, HardwareInfo]:
         "fp8e4m3": hasattr(torch, "float8_e4m3fn"),
     }
     info = HardwareInfo(
-        device=str(device), name=name, memory_bytes=memory, capability=capability,
-        device_class=device_class(name, device.type), dtypes=dtypes,
+        device=str(device),
+        name=name,
+        memory_bytes=memory,
+        capability=capability,
+        device_class=device_class(name, device.type),
+        dtypes=dtypes,
         triton_native=device.type == "cuda" and _triton_importable(),
-        cpu_count=os.cpu_count() or 1, torch_version=torch.__version__,
+        cpu_count=os.cpu_count() or 1,
+        torch_version=torch.__version__,
     )
     return device, info
 

@@ -44,7 +44,9 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "tiny-lm": ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=344, max_seq_len=512),
     "small-lm": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, max_seq_len=2048),
-    "base-lm": ModelConfig(dim=1024, n_layers=16, n_heads=16, n_kv_heads=8, hidden_dim=2752, max_seq_len=4096),
+    "base-lm": ModelConfig(
+        dim=1024, n_layers=16, n_heads=16, n_kv_heads=8, hidden_dim=2752, max_seq_len=4096
+    ),
 }
 
 
@@ -84,9 +86,9 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> tuple[
-    Tensor, Tensor
-]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """cos and sin tables (seq_len, head_dim // 2) for rotary embeddings (Su et al., 2021)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     t = torch.arange(seq_len, device=device, dtype=torch.float32)

@@ -1,0 +1,352 @@
+"""The core acceptance tests: critical infrastructure, safety gates, end-to-end and stability,
+and the tuning checks that need no optimization (smoothness, reproducibility, snapshot,
+gradient flow, batch efficiency).
+
+The safety tests prove the gates on a scratch copy: a fresh model and a throw-away checkpoint
+directory, with a fault injected, so the real run is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from optrun.api.result import Category, Expected
+from optrun.api.v1alpha1 import Fault, OptimizationRunSpec
+from optrun.runtime.acceptance import SUITE, Check, in_range
+from optrun.runtime.context import RunContext
+from optrun.runtime.metrics import Metrics
+from optrun.runtime.training.checkpoint import CheckpointStore
+from optrun.runtime.training.gates import SafetyGateFailed, check_gradients, group_grad_norms
+from optrun.runtime.training.loop import Trainer
+
+CI = Category.CRITICAL_INFRASTRUCTURE
+
+
+def scratch_spec(
+    spec: OptimizationRunSpec, *, steps: int, faults: list[Fault] | None = None, policy: str | None = None
+) -> OptimizationRunSpec:
+    """A small copy of the run's spec for scratch training: a few short steps, optional faults."""
+    w = spec.workload.model_copy(
+        update={
+            "batch_size": min(spec.workload.batch_size, 4),
+            "sequence_length": min(spec.workload.sequence_length, 32),
+        }
+    )
+    t = spec.training.model_copy(
+        update={
+            "epochs": 1,
+            "steps_per_epoch": steps,
+            "warmup_steps": 1,
+            "eval_batches": 1,
+            "checkpoint": spec.training.checkpoint.model_copy(update={"every_steps": 2, "keep": 2}),
+        }
+    )
+    s = spec.safety if policy is None else spec.safety.model_copy(update={"non_finite_loss": policy})
+    return spec.model_copy(update={"workload": w, "training": t, "faults": faults or [], "safety": s})
+
+
+def scratch_train(ctx: RunContext, spec: OptimizationRunSpec) -> tuple[Trainer, str | None]:
+    """Train a fresh model copy under `spec` in a temporary directory; returns the trainer and
+    the failed gate, if one failed."""
+    with tempfile.TemporaryDirectory(prefix="optrun-scratch-") as tmp:
+        model = ctx.model_factory()
+        trainer = Trainer(spec, model, ctx.corpus, ctx.device, CheckpointStore(Path(tmp), keep=2), Metrics())
+        try:
+            trainer.fit()
+        except SafetyGateFailed as exc:
+            return trainer, exc.gate
+    return trainer, None
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# -- critical infrastructure --------------------------------------------------------------------
+
+
+@SUITE.test("infra.hardware-detected", CI, critical=True)
+def hardware_detected(ctx: RunContext) -> Check:
+    hw = ctx.hardware
+    ok = bool(hw.name) and hw.device.startswith(("cpu", "cuda"))
+    return Check(ok, measured=f"{hw.device}: {hw.name}", reason=f"device class {hw.device_class}")
+
+
+@SUITE.test("infra.precision-supported", CI, critical=True)
+def precision_supported(ctx: RunContext) -> Check:
+    p = ctx.spec.workload.precision
+    ok = ctx.hardware.dtypes.get(p, False)
+    return Check(
+        ok,
+        measured=p,
+        expected=Expected(equals=[k for k, v in ctx.hardware.dtypes.items() if v]),
+        reason=f"{p} {'is' if ok else 'is not'} supported on {ctx.hardware.device}",
+    )
+
+
+@SUITE.test("infra.checkpoint-restores", CI, critical=True)
+def checkpoint_restores(ctx: RunContext) -> Check:
+    """The newest checkpoint of the real run loads and holds exactly the trained weights."""
+    store = CheckpointStore(ctx.output_dir / "checkpoints", keep=ctx.spec.training.checkpoint.keep)
+    found = store.latest()
+    if found is None or ctx.model is None:
+        return Check(False, reason="no checkpoint found")
+    path, state = found
+    current = ctx.model.state_dict()
+    same = all(torch.equal(state["model"][k].cpu(), v.cpu()) for k, v in current.items())
+    return Check(
+        same,
+        measured=path.name,
+        reason="checkpoint equals the final weights" if same else "checkpoint differs from the final weights",
+    )
+
+
+@SUITE.test("infra.metrics-exported", CI, critical=True)
+def metrics_exported(ctx: RunContext) -> Check:
+    metrics: Metrics = ctx.results["metrics"]
+    names = {m.name for m in metrics.registry.collect()}
+    needed = {
+        "optrun_step",
+        "optrun_loss",
+        "optrun_step_duration_seconds",
+        "optrun_gate_trips",
+        "optrun_progress_timestamp_seconds",
+    }
+    missing = sorted(needed - names)
+    return Check(
+        not missing,
+        measured=len(names),
+        reason=f"missing: {missing}" if missing else f"{len(names)} metric families exported",
+    )
+
+
+# -- safety -------------------------------------------------------------------------------------
+
+
+@SUITE.test("safety.run-gates", Category.SAFETY, critical=True)
+def run_gates(ctx: RunContext) -> Check:
+    """The real run's gates held: training finished within the recovery budget."""
+    train = ctx.results.get("train", {})
+    failed = train.get("gate_failed")
+    recoveries = train.get("recoveries", 0)
+    budget = ctx.spec.safety.max_recoveries
+    if failed:
+        return Check(
+            False,
+            measured={"recoveries": recoveries, "trips": train.get("trips", {})},
+            expected=Expected(max=budget),
+            reason=f"safety gate {failed} failed: {train.get('gate_message')}",
+        )
+    return Check(
+        True,
+        measured=recoveries,
+        expected=Expected(max=budget),
+        reason=f"{recoveries} recoveries, trips {train.get('trips', {})}",
+    )
+
+
+def _injected(ctx: RunContext, kind: str, gate: str) -> Check:
+    spec = scratch_spec(ctx.spec, steps=6, faults=[Fault(type=kind, at_step=3)], policy="rollback")
+    trainer, failed = scratch_train(ctx, spec)
+    caught = trainer.book.trips.get(gate, 0)
+    ok = (
+        caught >= 1
+        and trainer.book.recoveries >= 1
+        and failed is None
+        and _finite(trainer.model)
+        and trainer.step == 6
+    )
+    return Check(
+        ok,
+        measured={"trips": caught, "recoveries": trainer.book.recoveries, "failed": failed},
+        reason=f"injected {kind} at step 3 on a scratch copy: {caught} trip(s) of {gate}, "
+        f"{trainer.book.recoveries} recovery, finished {trainer.step}/6 steps",
+    )
+
+
+@SUITE.test("safety.nan-loss-caught-and-recovered", Category.SAFETY, critical=True)
+def nan_loss_recovered(ctx: RunContext) -> Check:
+    return _injected(ctx, "nan-loss", "nan_loss")
+
+
+@SUITE.test("safety.exploding-gradient-caught-and-recovered", Category.SAFETY, critical=True)
+def exploding_recovered(ctx: RunContext) -> Check:
+    return _injected(ctx, "exploding-gradient", "gradient_exploding")
+
+
+@SUITE.test("safety.persistent-fault-fails-the-gate", Category.SAFETY)
+def persistent_fault_fails(ctx: RunContext) -> Check:
+    """A fault no recovery fixes must end in a failed gate, not an endless loop."""
+    spec = scratch_spec(
+        ctx.spec, steps=6, faults=[Fault(type="nan-loss", at_step=2, persistent=True)], policy="rollback"
+    )
+    trainer, failed = scratch_train(ctx, spec)
+    return Check(
+        failed is not None,
+        measured={"failed": failed, "recoveries": trainer.book.recoveries},
+        reason=f"persistent nan-loss: gate {failed or 'did not fail'} after {trainer.book.recoveries} "
+        "recoveries",
+    )
+
+
+@SUITE.test("safety.vanishing-gradient-caught", Category.SAFETY)
+def vanishing_caught(ctx: RunContext) -> Check:
+    model = ctx.model_factory()
+    x, y = ctx.corpus.batch("train", 16, 2, torch.Generator().manual_seed(0))
+    (model.loss(x.to(ctx.device), y.to(ctx.device)) * 0.0).backward()
+    trip = check_gradients(group_grad_norms(model), ctx.spec.safety.gradient_flow)
+    ok = trip is not None and trip.gate == "gradient_vanishing"
+    return Check(ok, measured=trip.gate if trip else None, reason=trip.detail if trip else "not caught")
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@SUITE.test("e2e.training-completed", Category.END_TO_END, critical=True)
+def training_completed(ctx: RunContext) -> Check:
+    train = ctx.results.get("train", {})
+    done, want = train.get("epochs", 0), ctx.spec.training.epochs
+    return Check(done >= want, measured=done, expected=Expected(min=want), reason=f"{done}/{want} epochs")
+
+
+@SUITE.test("e2e.target-accuracy", Category.END_TO_END, critical=True)
+def target_accuracy(ctx: RunContext) -> Check:
+    acc = ctx.results.get("train", {}).get("final_accuracy", 0.0)
+    return in_range(acc, ctx.spec.training.target_accuracy, None, what="held-out next-token accuracy")
+
+
+@SUITE.test("e2e.loss-decreased", Category.END_TO_END)
+def loss_decreased(ctx: RunContext) -> Check:
+    before = ctx.results["baseline"]["loss"]
+    after = ctx.results.get("train", {}).get("final_loss", math.inf)
+    return in_range(after, None, before, what="held-out loss after training (at most the untrained loss)")
+
+
+# -- stability ------------------------------------------------------------------------------------
+
+
+@SUITE.test("stability.weights-finite", Category.STABILITY, critical=True)
+def weights_finite(ctx: RunContext) -> Check:
+    ok = ctx.model is not None and _finite(ctx.model)
+    return Check(ok, reason="all trained weights are finite" if ok else "non-finite weights after training")
+
+
+@SUITE.test("stability.step-time-steady", Category.STABILITY)
+def step_time_steady(ctx: RunContext) -> Check:
+    """The slow tail of step times stays close to the median (p90 / p50)."""
+    times = ctx.results.get("train", {}).get("step_seconds", [])
+    if len(times) < 10:
+        return Check(True, reason=f"only {len(times)} steps timed")
+    q = statistics.quantiles(times, n=10)
+    return in_range(q[-1] / statistics.median(times), None, 3.0, what="p90/p50 step time", unit="x")
+
+
+# -- tuning ---------------------------------------------------------------------------------------
+
+
+@SUITE.test("tuning.convergence-smoothness", Category.TUNING)
+def convergence_smoothness(ctx: RunContext) -> Check:
+    """Largest relative rise of held-out loss between consecutive evaluations."""
+    evals = ctx.results.get("train", {}).get("evals", [])
+    losses = [e["loss"] for e in evals]
+    rises = [(b - a) / a for a, b in itertools.pairwise(losses) if a > 0]
+    worst = max([0.0, *rises])
+    return in_range(
+        worst,
+        None,
+        ctx.spec.acceptance.convergence_smoothness,
+        what=f"largest relative rise of held-out loss over {len(losses)} evaluations",
+    )
+
+
+@SUITE.test("tuning.fixed-seed-reproducibility", Category.TUNING)
+def reproducibility(ctx: RunContext) -> Check:
+    """Two scratch runs with the same seed end with the same weights, within the dtype's tolerance."""
+    spec = scratch_spec(ctx.spec, steps=4)
+    runs = []
+    for _ in range(2):
+        trainer, _failed = scratch_train(ctx, spec)
+        runs.append(trainer.model.state_dict())
+    tol = ctx.spec.acceptance.reproducibility
+    rtol, atol = (tol.rtol, tol.atol) if ctx.dtype == torch.float32 else (1.6e-2, 1e-3)
+    worst = max(float((a - runs[1][k]).abs().max()) for k, a in runs[0].items())
+    same = all(torch.allclose(a, runs[1][k], rtol=rtol, atol=atol) for k, a in runs[0].items())
+    return Check(
+        same,
+        measured=worst,
+        expected=Expected(max=atol),
+        reason=f"largest weight difference {worst:.3g} (rtol {rtol:g}, atol {atol:g})",
+    )
+
+
+@SUITE.test("tuning.state-snapshot", Category.TUNING)
+def state_snapshot(ctx: RunContext) -> Check:
+    """state_dict into a fresh model gives identical outputs."""
+    assert ctx.model is not None
+    clone = copy.deepcopy(ctx.model)
+    fresh = ctx.model_factory()
+    fresh.load_state_dict(clone.state_dict())
+    x, _ = ctx.corpus.batch("val", 32, 2, torch.Generator().manual_seed(1))
+    x = x.to(ctx.device)
+    with torch.no_grad():
+        a, b = ctx.model.eval()(x), fresh.eval()(x)
+    ctx.model.train()
+    diff = float((a - b).abs().max())
+    tol = 0.0 if ctx.dtype == torch.float32 else 1e-2
+    return Check(
+        diff <= tol,
+        measured=diff,
+        expected=Expected(max=tol),
+        reason=f"largest output difference {diff:.3g} after a state_dict round trip",
+    )
+
+
+@SUITE.test("tuning.gradient-flow", Category.TUNING)
+def gradient_flow(ctx: RunContext) -> Check:
+    """Every layer group of the trained model still gets gradient (none vanished)."""
+    assert ctx.model is not None
+    model = copy.deepcopy(ctx.model)
+    x, y = ctx.corpus.batch("val", ctx.spec.workload.sequence_length, 4, torch.Generator().manual_seed(2))
+    model.zero_grad()
+    model.loss(x.to(ctx.device), y.to(ctx.device)).backward()
+    norms = group_grad_norms(model)
+    weakest = min(norms, key=lambda g: norms[g])
+    bound = ctx.spec.safety.gradient_flow.min_norm
+    return in_range(norms[weakest], bound, None, what=f"smallest group gradient norm ({weakest})")
+
+
+@SUITE.test("tuning.batch-efficiency", Category.TUNING)
+def batch_efficiency(ctx: RunContext) -> Check:
+    """Tokens per second at the run's batch size against a quarter of it (forward + backward)."""
+    model = ctx.model_factory()
+    w = ctx.spec.workload
+    big, small = w.batch_size, max(1, w.batch_size // 4)
+    gen = torch.Generator().manual_seed(3)
+    rates = {}
+    for b in (small, big):
+        x, y = ctx.corpus.batch("train", w.sequence_length, b, gen)
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        samples = []
+        for i in range(4):
+            started = time.perf_counter()
+            model.loss(x, y).backward()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first call warms up
+                samples.append(b * w.sequence_length / (time.perf_counter() - started))
+        rates[b] = statistics.median(samples)
+    return in_range(
+        rates[big] / rates[small],
+        0.9,
+        None,
+        what=f"throughput per token at batch {big} over batch {small}",
+        unit="x",
+    )

@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, safety gates and fault injection."""

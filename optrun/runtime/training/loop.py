@@ -1,0 +1,392 @@
+"""The training loop: epochs, evaluation, a warm-up + cosine schedule, checkpoints, and the
+safety gates with their recoveries.
+
+Determinism: weights, data order and every random draw come from the seed; the data position
+is (epoch, step in epoch, the epoch generator's state), saved with each checkpoint, so a
+resumed CPU run ends bitwise equal to an uninterrupted one.
+
+Recovery: a tripped gate (non-finite loss, vanished or exploded gradients) is answered per
+`spec.safety.nonFiniteLoss`: `rollback` restores the last good checkpoint, skips the offending
+batch when it comes round again and halves the learning rate; `skip` drops the batch; `fail`
+stops. An out-of-memory error halves the micro-batch (gradient accumulation keeps the
+effective batch). Each recovery counts against `maxRecoveries`; past it the gate fails. The
+recovery bookkeeping (trips, recoveries, skipped steps, learning-rate scale) is never rolled
+back: a rollback undoes training, not the memory of why it happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from optrun.api.result import TrainingSummary
+from optrun.api.v1alpha1 import OptimizationRunSpec
+from optrun.runtime.data import Corpus
+from optrun.runtime.metrics import Metrics
+from optrun.runtime.training.checkpoint import CheckpointStore, rng_state, set_rng_state
+from optrun.runtime.training.faults import FaultInjector
+from optrun.runtime.training.gates import (
+    SafetyGateFailed,
+    Trip,
+    check_gradients,
+    check_loss,
+    group_grad_norms,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on request (SIGTERM) after writing a checkpoint."""
+
+
+@dataclass
+class Bookkeeping:
+    """What survives a rollback."""
+
+    lr_scale: float = 1.0
+    micro_batches: int = 1
+    skip_steps: set[int] = field(default_factory=set)
+    recoveries: int = 0
+    trips: dict[str, int] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr_scale": self.lr_scale,
+            "micro_batches": self.micro_batches,
+            "skip_steps": sorted(self.skip_steps),
+            "recoveries": self.recoveries,
+            "trips": dict(self.trips),
+            "events": list(self.events),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Bookkeeping:
+        return cls(
+            lr_scale=d["lr_scale"],
+            micro_batches=d["micro_batches"],
+            skip_steps=set(d["skip_steps"]),
+            recoveries=d["recoveries"],
+            trips=dict(d["trips"]),
+            events=list(d["events"]),
+        )
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to 0.1 of the peak at `total` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: OptimizationRunSpec,
+        model: nn.Module,
+        corpus: Corpus,
+        device: torch.device,
+        store: CheckpointStore,
+        metrics: Metrics,
+        *,
+        stop: threading.Event | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.corpus = corpus
+        self.device = device
+        self.store = store
+        self.metrics = metrics
+        self.stop = stop or threading.Event()
+        self.on_step = on_step
+        t = spec.training
+        w = spec.workload
+        self.seq_len, self.batch_size = w.sequence_length, w.batch_size
+        self.steps_per_epoch = t.steps_per_epoch or corpus.batches_per_epoch(self.seq_len, self.batch_size)
+        self.total_steps = self.steps_per_epoch * t.epochs
+        self.eval_every = max(1, self.steps_per_epoch // 4)
+        self.eval_set = corpus.eval_batches(self.seq_len, self.batch_size, t.eval_batches)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.learning_rate,
+            betas=(0.9, 0.95),
+            foreach=False,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.warmup_steps, self.total_steps)
+        )
+        self.amp_dtype = DTYPES[w.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=w.precision == "fp16")
+        self.faults = FaultInjector(spec.faults)
+        self.book = Bookkeeping()
+        # Position and history (rolled back with the weights).
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.step = 0
+        self.gen = corpus.epoch_generator(t.seed, 0)
+        self.losses: list[tuple[int, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.last_checkpoint_step = -1
+        self.step_times: list[float] = []  # this process's step durations (not checkpointed)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "generator": self.gen.get_state(),
+            "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.step},
+            "history": {"losses": list(self.losses), "evals": list(self.evals)},
+            "bookkeeping": self.book.to_dict(),
+            "faults_fired": self.faults.state(),
+        }
+
+    def _load(self, state: dict[str, Any], *, bookkeeping: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        pos = state["position"]
+        self.epoch, self.step_in_epoch, self.step = pos["epoch"], pos["step_in_epoch"], pos["step"]
+        self.gen = torch.Generator().manual_seed(0)
+        self.gen.set_state(state["generator"])
+        self.losses = [tuple(x) for x in state["history"]["losses"]]  # type: ignore[misc]
+        self.evals = list(state["history"]["evals"])
+        if bookkeeping:
+            self.book = Bookkeeping.from_dict(state["bookkeeping"])
+            self.faults.load_state(state["faults_fired"])
+
+    def checkpoint(self) -> None:
+        self.store.save(self.step, self.state_dict())
+        self.last_checkpoint_step = self.step
+        self.metrics.record("checkpoint", step=self.step)
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint, if any; True when one was loaded."""
+        found = self.store.latest()
+        if found is None:
+            return False
+        path, state = found
+        self._load(state, bookkeeping=True)
+        self.last_checkpoint_step = self.step
+        log.info("resumed from %s (epoch %d, step %d)", path.name, self.epoch, self.step)
+        self.metrics.record("resume", step=self.step, checkpoint=path.name)
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainingSummary:
+        t = self.spec.training
+        self.model.train()
+        if self.last_checkpoint_step < 0:
+            self.checkpoint()  # step 0: a rollback always has somewhere to go
+        started, start_step = time.monotonic(), self.step
+        while self.epoch < t.epochs:
+            while self.step_in_epoch < self.steps_per_epoch:
+                if self.stop.is_set():
+                    self.checkpoint()
+                    raise Interrupted(f"stopped at step {self.step}; checkpoint written")
+                self._one_step()
+                if self.on_step is not None:
+                    self.on_step(self)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.gen = self.corpus.epoch_generator(t.seed, self.epoch)
+            if not self.evals or self.evals[-1]["step"] != self.step:
+                self.evaluate()
+        if self.last_checkpoint_step != self.step:
+            self.checkpoint()
+        elapsed = time.monotonic() - started
+        steps = self.step - start_step
+        last = self.evals[-1] if self.evals else {"loss": float("nan"), "accuracy": 0.0}
+        return TrainingSummary(
+            epochs=self.epoch,
+            steps=self.step,
+            final_loss=last["loss"],
+            final_accuracy=last["accuracy"],
+            tokens_per_second=steps * self.seq_len * self.batch_size / elapsed if elapsed > 0 else 0.0,
+        )
+
+    def _one_step(self) -> None:
+        step = self.step
+        x, y = self.corpus.batch("train", self.seq_len, self.batch_size, self.gen)
+        if step in self.book.skip_steps:
+            self._advance(skipped=True)
+            self.metrics.record("skip", step=step)
+            return
+        started = time.perf_counter()
+        while True:  # retried only after an out-of-memory error halved the micro-batch
+            try:
+                self.faults.before_step(step)
+                trip, loss = self._forward_backward(x.to(self.device), y.to(self.device), step)
+                break
+            except torch.OutOfMemoryError as exc:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self._trip(Trip("oom", str(exc)[:200]), step, action="halve-micro-batch")
+                if self.book.micro_batches * 2 > self.batch_size:
+                    raise SafetyGateFailed(
+                        "oom", f"out of memory at micro-batch size 1 (step {step})"
+                    ) from exc
+                self.book.micro_batches *= 2
+                self._recovered(step, "halve-micro-batch")
+        if trip is not None:
+            self._handle(trip, step)
+            return
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.training.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        self.step_times.append(seconds)
+        self.losses.append((step, loss))
+        self.metrics.train_step(
+            epoch=self.epoch,
+            step=step,
+            loss=loss,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=seconds,
+            tokens=self.seq_len * self.batch_size,
+        )
+        self._advance(skipped=False)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[Trip | None, float]:
+        """Gradients of the mean loss over micro-batches; a tripped gate instead of a step."""
+        n = self.book.micro_batches
+        total = 0.0
+        for xs, ys in zip(x.chunk(n), y.chunk(n), strict=True):
+            with self._autocast():
+                loss = self.model.loss(xs, ys) * (xs.shape[0] / x.shape[0])
+            loss = self.faults.corrupt_loss(step, loss)
+            trip = check_loss(loss)
+            if trip is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return trip, float("nan")
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        trip = check_gradients(group_grad_norms(self.model), self.spec.safety.gradient_flow)
+        if trip is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        return trip, total
+
+    def _advance(self, *, skipped: bool) -> None:
+        self.scheduler.step()
+        if self.book.lr_scale != 1.0:
+            for g in self.optimizer.param_groups:
+                g["lr"] *= self.book.lr_scale
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.step % self.eval_every == 0:
+            self.evaluate()
+        if self.step % self.spec.training.checkpoint.every_steps == 0:
+            self.checkpoint()
+
+    # -- gates and recovery ---------------------------------------------------------------
+
+    def _trip(self, trip: Trip, step: int, *, action: str) -> None:
+        self.book.trips[trip.gate] = self.book.trips.get(trip.gate, 0) + 1
+        self.book.events.append({"gate": trip.gate, "step": step, "action": action, "detail": trip.detail})
+        self.metrics.gate_trip(trip.gate, step=step, action=action, detail=trip.detail)
+        log.warning("safety gate %s tripped at step %d: %s (%s)", trip.gate, step, trip.detail, action)
+
+    def _recovered(self, step: int, action: str) -> None:
+        self.book.recoveries += 1
+        self.metrics.recovery(step=step, action=action)
+        if self.book.recoveries > self.spec.safety.max_recoveries:
+            raise SafetyGateFailed(
+                "recovery_budget",
+                f"{self.book.recoveries} recoveries exceed maxRecoveries {self.spec.safety.max_recoveries}",
+            )
+
+    def _handle(self, trip: Trip, step: int) -> None:
+        policy = self.spec.safety.non_finite_loss
+        self._trip(trip, step, action=policy)
+        if policy == "fail":
+            raise SafetyGateFailed(trip.gate, f"{trip.gate} at step {step}: {trip.detail} (policy fail)")
+        self.book.skip_steps.add(step)
+        if policy == "skip":
+            self._recovered(step, "skip")
+            self._advance(skipped=True)
+            return
+        found = self.store.latest()
+        if found is None:
+            raise SafetyGateFailed(trip.gate, "no checkpoint to roll back to")
+        path, state = found
+        self._load(state, bookkeeping=False)
+        self.book.lr_scale *= 0.5
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            g["lr"] = lr * self.book.lr_scale
+        self.book.events[-1]["rolled_back_to"] = self.step
+        log.warning(
+            "rolled back to %s (step %d); learning rate scale now %.3g",
+            path.name,
+            self.step,
+            self.book.lr_scale,
+        )
+        self._recovered(step, "rollback")
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        result = evaluate(self.model, self.eval_set, self.device, self._autocast)
+        point = {"epoch": self.epoch, "step": self.step, **result}
+        self.evals.append(point)
+        self.metrics.evaluation(
+            epoch=self.epoch, step=self.step, loss=result["loss"], accuracy=result["accuracy"]
+        )
+        return point
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Held-out loss and next-token accuracy over fixed batches."""
+    was_training = model.training
+    model.eval()
+    losses, correct, total = [], 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        correct += int((logits.argmax(-1) == y).sum().item())
+        total += y.numel()
+    model.train(was_training)
+    return {"loss": sum(losses) / len(losses), "accuracy": correct / total}
