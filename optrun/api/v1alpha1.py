@@ -111,6 +111,21 @@ class Compression(Spec):
     )
     rank: int = Field(4, ge=1, le=1024, description="Rank of the low-rank codec.")
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0, description="Fraction of elements the top-k codec keeps.")
+    gradient_steps: int = Field(
+        20, ge=3, le=10_000,
+        description=(
+            "Optimizer steps of the 2-process data-parallel comparison (target gradients or both), run once with "
+            "plain allreduce and once compressed."
+        ),
+    )
+    loss_tolerance: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="Largest relative difference of held-out loss, compressed against uncompressed data-parallel run.",
+    )
+    perplexity_tolerance: float = Field(
+        0.05, gt=0.0, le=10.0,
+        description="Largest relative rise of held-out perplexity of the weight-quantized model over the float model.",
+    )
 
 
 class KVCache(Spec):

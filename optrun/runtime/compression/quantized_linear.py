@@ -47,12 +47,15 @@ def _triton_ok(device: torch.device) -> bool:
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(payload)^T + bias, with the weight stored as the codec's payload."""
 
-    def __init__(self, in_features: int, out_features: int, codec: Codec, payload: Payload,
-                 bias: Tensor | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, codec: Codec, payload: Payload, bias: Tensor | None = None
+    ) -> None:
         super().__init__()
         if payload.shape != (out_features, in_features):
-            raise ValueError(f"payload: shape {payload.shape} is not (out_features, in_features) = "
-                             f"{(out_features, in_features)}")
+            raise ValueError(
+                f"payload: shape {payload.shape} is not (out_features, in_features) = "
+                f"{(out_features, in_features)}"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.codec = codec
         self.weight_dtype = payload.dtype
@@ -85,8 +88,10 @@ class QuantizedLinear(nn.Module):
         return self.payload().nbytes
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, codec={self.codec.name}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, codec={self.codec.name}, "
+            f"bias={self.bias is not None}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -134,8 +139,11 @@ def linear_weights(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and owners.get(id(m.weight), 0) == 1
+    ]
 
 
 def quantize_model(model: nn.Module, codec: Codec | str, max_error: float) -> tuple[nn.Module, GateReport]:
@@ -151,13 +159,23 @@ def quantize_model(model: nn.Module, codec: Codec | str, max_error: float) -> tu
         payload, record = gate.check(name + ".weight", linear.weight.detach())
         if payload is None:
             if record.tripped:
-                log.info("compression gate: %s kept in full precision (error %.4g > %.4g)", name, record.error,
-                         max_error)
+                log.info(
+                    "compression gate: %s kept in full precision (error %.4g > %.4g)",
+                    name,
+                    record.error,
+                    max_error,
+                )
             continue
         _set_submodule(qmodel, name, QuantizedLinear.from_linear(linear, c, payload))
     report = gate.report
-    log.info("quantized %d of %d linear layers with %s (%.2fx on their weights), %d gate trips",
-             report.compressed, report.tensors, c.name, report.compressed_ratio, report.trips)
+    log.info(
+        "quantized %d of %d linear layers with %s (%.2fx on their weights), %d gate trips",
+        report.compressed,
+        report.tensors,
+        c.name,
+        report.compressed_ratio,
+        report.trips,
+    )
     return qmodel, report
 
 

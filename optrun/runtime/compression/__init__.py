@@ -1,0 +1,156 @@
+"""Tensor compression under a reconstruction-error gate: weights for inference, gradients for DDP.
+
+Stage entry point `apply(ctx, model)`, for `spec.optimizations.compression`:
+
+- target ``weights``: every nn.Linear of a copy of `model` goes through the gate and, within
+  the bound, becomes a weight-only `QuantizedLinear` (quantized_linear.py); the copy is
+  returned (for inference; the orchestrator keeps training the float model) and the same
+  transform is registered as ``ctx.transforms["compression"]`` for the speedup matrix.
+- target ``gradients``: a real 2-process gloo data-parallel run (ddp_run.py) trains the model
+  twice from the same weights on the same batches, with plain allreduce and with the codec's
+  comm hook (ddp_hooks.py), and records bytes per step, step times and losses.
+- ``both``: both.
+
+It fills ``ctx.results["compression"]``::
+
+    {"codec": "int8", "target": "weights", "maxReconstructionError": 0.02,
+     "gate": {"trips": n, "tensors": m, "recoveries": n, "failed": bool},   # safety trips
+     "weights": {GateReport.to_dict() (per-tensor error, SQNR, ratio), "memory": {...},
+                 "parity": {perplexities, perplexityRise, greedyAgreement}},
+     "gradients": {"hooks": {"allreduce": {...}, "<codec>": {...}}, "bytesRatio": x,
+                   "stepTimeRatio": x, "baselineLoss": l, "compressedLoss": l, "lossDifference": d,
+                   "gate": {"trips": n, "tensors": m, "failed": bool}}}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from torch import nn
+
+from optrun.api.v1alpha1 import Compression
+from optrun.runtime.compression import parity
+from optrun.runtime.compression.codecs import Codec, get_codec
+from optrun.runtime.compression.ddp_run import DDPJob, compare
+from optrun.runtime.compression.quantized_linear import model_weight_bytes, quantize_model
+from optrun.runtime.context import RunContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["apply", "codec_for", "gradient_comparison", "quantize_model", "weight_transform"]
+
+# The DDP comparison runs on the CPU whatever the run's device: its point is the traffic, and
+# bounded batches keep it to seconds for tiny-lm.
+DDP_MAX_BATCH = 8
+DDP_MAX_SEQ = 64
+
+
+def codec_for(cfg: Compression) -> Codec:
+    return get_codec(cfg.codec, group_size=cfg.group_size, rank=cfg.rank, topk_ratio=cfg.topk_ratio)
+
+
+def weight_transform(cfg: Compression) -> Any:
+    """model -> weight-quantized copy, as the speedup matrix wants it."""
+    codec = codec_for(cfg)
+
+    def transform(model: nn.Module) -> nn.Module:
+        return quantize_model(model, codec, cfg.max_reconstruction_error)[0]
+
+    return transform
+
+
+def apply(ctx: RunContext, model: nn.Module) -> nn.Module:
+    """Run the compression stage; returns the weight-quantized copy (target weights/both) or `model`."""
+    cfg = ctx.spec.optimizations.compression
+    out: dict[str, Any] = {
+        "codec": cfg.codec,
+        "target": cfg.target,
+        "maxReconstructionError": cfg.max_reconstruction_error,
+        **{k: v for k, v in codec_for(cfg).describe().items() if k != "codec"},
+    }
+    ctx.results["compression"] = out
+    gates: list[dict[str, Any]] = []
+    result = model
+    if cfg.target in ("weights", "both"):
+        started = time.monotonic()
+        qmodel, report = quantize_model(model, codec_for(cfg), cfg.max_reconstruction_error)
+        weights = report.to_dict()
+        weights["memory"] = {
+            "floatBytes": model_weight_bytes(model),
+            "quantizedBytes": model_weight_bytes(qmodel),
+        }
+        w = ctx.spec.workload
+        weights["parity"] = parity.compare(
+            model,
+            qmodel,
+            ctx.corpus,
+            ctx.device,
+            seq_len=min(w.sequence_length, 128),
+            batch_size=min(w.batch_size, 8),
+        )
+        weights["seconds"] = time.monotonic() - started
+        out["weights"] = weights
+        ctx.transforms["compression"] = weight_transform(cfg)
+        gates.append(report.summary())
+        out["gate"] = _merge(gates)
+        result = qmodel
+    if cfg.target in ("gradients", "both"):
+        out["gradients"] = gradient_comparison(ctx, cfg)
+        gates.append(out["gradients"]["gate"])
+    out["gate"] = _merge(gates)
+    log.info("compression: %s", {k: v for k, v in out.items() if k in ("codec", "target", "gate")})
+    return result
+
+
+def gradient_comparison(ctx: RunContext, cfg: Compression) -> dict[str, Any]:
+    """The 2-process gloo run: plain allreduce against the codec's hook, same weights and batches."""
+    w = ctx.spec.workload
+    job = DDPJob(
+        hooks=["allreduce", cfg.codec],
+        steps=cfg.gradient_steps,
+        batch_size=min(w.batch_size, DDP_MAX_BATCH),
+        seq_len=min(w.sequence_length, DDP_MAX_SEQ),
+        learning_rate=ctx.spec.training.learning_rate,
+        seed=ctx.spec.training.seed,
+        max_error=cfg.max_reconstruction_error,
+        group_size=cfg.group_size,
+        rank=cfg.rank,
+        topk_ratio=cfg.topk_ratio,
+        world_size=2,
+        timeout_s=300.0,
+    )
+    started = time.monotonic()
+    hooks = compare(job, model=ctx.model_factory())
+    base, comp = hooks["allreduce"], hooks[cfg.codec]
+    g = comp["gate"]
+    return {
+        "worldSize": job.world_size,
+        "steps": job.steps,
+        "hooks": hooks,
+        "bytesPerStep": comp["bytesPerStep"],
+        "baselineBytesPerStep": base["bytesPerStep"],
+        "bytesRatio": base["bytesPerStep"] / comp["bytesPerStep"] if comp["bytesPerStep"] else None,
+        "stepTimeRatio": base["stepSeconds"] / comp["stepSeconds"] if comp["stepSeconds"] else None,
+        "baselineLoss": base["evalLoss"],
+        "compressedLoss": comp["evalLoss"],
+        "lossDifference": abs(comp["evalLoss"] - base["evalLoss"]) / base["evalLoss"],
+        "ranksAgree": bool(base["ranksAgree"] and comp["ranksAgree"]),
+        "gate": {
+            "trips": g["trips"],
+            "tensors": g["checks"],
+            "recoveries": g["trips"],
+            "failed": g["checks"] > 0 and g["trips"] == g["checks"],
+        },
+        "seconds": time.monotonic() - started,
+    }
+
+
+def _merge(gates: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "trips": sum(g["trips"] for g in gates),
+        "tensors": sum(g["tensors"] for g in gates),
+        "recoveries": sum(g["recoveries"] for g in gates),
+        "failed": any(g["failed"] for g in gates),
+    }

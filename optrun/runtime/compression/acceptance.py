@@ -1,0 +1,189 @@
+"""Acceptance tests of the compression stage (registered in the shared SUITE).
+
+They read what `apply` measured (`ctx.results["compression"]`) and re-measure what depends on
+the trained model (round trip, inference parity). The speedup ranges of `compression` and
+`kernels+compression` are judged by optrun.runtime.speedup from `ctx.transforms["compression"]`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from optrun.api.result import Category
+from optrun.api.v1alpha1 import OptimizationRunSpec
+from optrun.runtime.acceptance import SUITE, Check, in_range
+from optrun.runtime.compression import codec_for, parity
+from optrun.runtime.compression.codecs import Codec, reconstruction_error
+from optrun.runtime.compression.quantized_linear import linear_weights
+from optrun.runtime.context import RunContext
+
+# A measured ratio may fall short of the nominal one by the scales and padding it carries.
+RATIO_SLACK = 0.85
+
+
+def enabled(spec: OptimizationRunSpec) -> bool:
+    return spec.optimizations.compression.enabled
+
+
+def on_weights(spec: OptimizationRunSpec) -> bool:
+    return enabled(spec) and spec.optimizations.compression.target in ("weights", "both")
+
+
+def on_gradients(spec: OptimizationRunSpec) -> bool:
+    return enabled(spec) and spec.optimizations.compression.target in ("gradients", "both")
+
+
+def nominal_ratio(codec: Codec, element_bits: int) -> float:
+    """Bytes ratio a codec reaches on large tensors, scales aside (what the floor is taken from)."""
+    if codec.bits is not None:
+        return element_bits / codec.bits
+    topk = getattr(codec, "topk_ratio", None)
+    if topk is not None:  # each kept element costs its value and a 32-bit index
+        return element_bits / (topk * (element_bits + 32))
+    # Low rank: depends on the shapes; PowerSGD compresses a matrix only at >= 2x.
+    return 2.0 / RATIO_SLACK
+
+
+def _results(ctx: RunContext, part: str | None = None) -> dict[str, Any]:
+    res = ctx.results.get("compression")
+    if not isinstance(res, dict) or (part is not None and part not in res):
+        error = res.get("error") if isinstance(res, dict) else None
+        raise RuntimeError(
+            f"the compression stage left no {part or 'results'}" + (f": {error}" if error else "")
+        )
+    return res if part is None else res[part]
+
+
+def _model(ctx: RunContext) -> torch.nn.Module:
+    return ctx.model if ctx.model is not None else ctx.model_factory()
+
+
+@SUITE.test("compression.roundtrip", Category.CRITICAL_INFRASTRUCTURE, critical=True, applies=enabled)
+def roundtrip(ctx: RunContext) -> Check:
+    """Encode/decode of the model's linear weights keeps shape and dtype, stays finite, shrinks."""
+    codec = codec_for(ctx.spec.optimizations.compression)
+    problems, worst, n = [], 0.0, 0
+    for name, linear in linear_weights(_model(ctx)):
+        w = linear.weight.detach()
+        y, p = codec.roundtrip(w)
+        n += 1
+        if y.shape != w.shape or y.dtype != w.dtype:
+            problems.append(f"{name}: {tuple(y.shape)} {y.dtype} from {tuple(w.shape)} {w.dtype}")
+        elif not bool(torch.isfinite(y).all()):
+            problems.append(f"{name}: non-finite values after decode")
+        elif p.nbytes >= w.numel() * w.element_size() and codec.name != "lowrank":
+            problems.append(
+                f"{name}: payload {p.nbytes} B is not smaller than {w.numel() * w.element_size()} B"
+            )
+        worst = max(worst, reconstruction_error(w, y))
+    reason = (
+        "; ".join(problems[:3])
+        or f"{n} weight tensors round-tripped with {codec.name}, worst error {worst:.3g}"
+    )
+    return Check(passed=not problems and n > 0, measured=n, reason=reason)
+
+
+@SUITE.test("compression.gate", Category.SAFETY, critical=True, applies=enabled)
+def gate(ctx: RunContext) -> Check:
+    """The reconstruction-error gate did not trip on every tensor (the codec compressed something)."""
+    g = _results(ctx, "gate")
+    reason = (
+        f"{g['trips']} of {g['tensors']} tensors exceeded the error bound and stayed in full precision"
+        + (": the gate failed, nothing was compressed within the bound" if g["failed"] else "")
+    )
+    return Check(
+        passed=not g["failed"], measured={"trips": g["trips"], "tensors": g["tensors"]}, reason=reason
+    )
+
+
+@SUITE.test("compression.weights.error_bound", Category.SAFETY, critical=True, applies=on_weights)
+def error_bound(ctx: RunContext) -> Check:
+    """Every weight that was compressed is within maxReconstructionError."""
+    w = _results(ctx, "weights")
+    bound = ctx.spec.optimizations.compression.max_reconstruction_error
+    over = [t["name"] for t in w["tensors"] if t["compressed"] and (t["error"] is None or t["error"] > bound)]
+    check = in_range(w["maxError"], None, bound, what="largest relative error of a compressed weight")
+    if over:
+        check.passed = False
+        check.reason += f"; over the bound: {', '.join(over[:3])}"
+    return check
+
+
+@SUITE.test("compression.weights.ratio", Category.END_TO_END, applies=on_weights)
+def weights_ratio(ctx: RunContext) -> Check:
+    """Compressed weights shrink by at least 85 % of the codec's nominal ratio."""
+    w = _results(ctx, "weights")
+    codec = codec_for(ctx.spec.optimizations.compression)
+    bits = next(_model(ctx).parameters()).element_size() * 8
+    floor = RATIO_SLACK * nominal_ratio(codec, bits)
+    return in_range(
+        w["compressedRatio"],
+        floor,
+        None,
+        what=f"{codec.name} bytes ratio of the compressed weights",
+        unit="x",
+    )
+
+
+@SUITE.test("compression.weights.inference_parity", Category.END_TO_END, critical=True, applies=on_weights)
+def inference_parity(ctx: RunContext) -> Check:
+    """The quantized (trained) model's held-out perplexity is within perplexityTolerance of the float one."""
+    cfg = ctx.spec.optimizations.compression
+    transform = ctx.transforms.get("compression")
+    if transform is None:
+        _results(ctx, "weights")  # says why the stage left nothing
+        return Check(passed=False, reason="no compression transform registered")
+    model = _model(ctx)
+    w = ctx.spec.workload
+    res = parity.compare(
+        model,
+        transform(model),
+        ctx.corpus,
+        ctx.device,
+        seq_len=min(w.sequence_length, 128),
+        batch_size=min(w.batch_size, 8),
+    )
+    check = in_range(
+        res["perplexityRise"],
+        None,
+        cfg.perplexity_tolerance,
+        what="relative perplexity rise of the weight-quantized model",
+    )
+    check.measured = {k: round(v, 6) for k, v in res.items()}
+    check.reason += f" (greedy agreement {res['greedyAgreement']:.0%})"
+    return check
+
+
+@SUITE.test("compression.gradients.bytes_ratio", Category.END_TO_END, applies=on_gradients)
+def gradient_bytes(ctx: RunContext) -> Check:
+    """The compressed hook sends fewer bytes per step than plain allreduce, near the codec's ratio."""
+    g = _results(ctx, "gradients")
+    codec = codec_for(ctx.spec.optimizations.compression)
+    floor = RATIO_SLACK * nominal_ratio(codec, 32)  # DDP gradients are fp32 here
+    ratio = g["bytesRatio"] if g["bytesRatio"] is not None else math.inf
+    return in_range(ratio, floor, None, what=f"allreduce bytes per step over {codec.name}'s", unit="x")
+
+
+@SUITE.test("compression.gradients.loss_parity", Category.END_TO_END, critical=True, applies=on_gradients)
+def loss_parity(ctx: RunContext) -> Check:
+    """After the same steps, the compressed run's held-out loss is within lossTolerance of allreduce's."""
+    g = _results(ctx, "gradients")
+    tol = ctx.spec.optimizations.compression.loss_tolerance
+    check = in_range(
+        g["lossDifference"],
+        None,
+        tol,
+        what=f"relative held-out loss difference after {g['steps']} data-parallel steps",
+    )
+    check.measured = {
+        "baseline": round(g["baselineLoss"], 6),
+        "compressed": round(g["compressedLoss"], 6),
+        "difference": round(g["lossDifference"], 6),
+    }
+    if not g["ranksAgree"]:
+        check.passed = False
+        check.reason += "; the ranks ended with different weights"
+    return check
