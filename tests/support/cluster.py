@@ -100,36 +100,97 @@ def make_pki(pki: Path) -> None:
     """
     pki.mkdir(parents=True, exist_ok=True)
     _run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], pki)
-    _run(["openssl", "req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "3650",
-          "-subj", "/CN=optrun-test-ca", "-out", "ca.crt"], pki)
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=optrun-test-ca",
+            "-out",
+            "ca.crt",
+        ],
+        pki,
+    )
     _run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key"], pki)
-    _run(["openssl", "req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver",
-          "-out", "apiserver.csr"], pki)
-    sans = ",".join([
-        "IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-        "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local",
-    ])
+    _run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-key",
+            "apiserver.key",
+            "-subj",
+            "/CN=kube-apiserver",
+            "-out",
+            "apiserver.csr",
+        ],
+        pki,
+    )
+    sans = ",".join(
+        [
+            "IP:127.0.0.1",
+            f"IP:{SERVICE_IP}",
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ]
+    )
     (pki / "apiserver.ext").write_text(
         f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\n"
         "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
     )
-    _run(["openssl", "x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-          "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", "apiserver.ext",
-          "-out", "apiserver.crt"], pki)
+    _run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-sha256",
+            "-extfile",
+            "apiserver.ext",
+            "-out",
+            "apiserver.crt",
+        ],
+        pki,
+    )
     _run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key"], pki)
     _run(["openssl", "ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"], pki)
 
 
-def write_kubeconfig(path: Path, *, server: str, ca_file: Path, user: str, token: str,
-                     namespace: str = "default") -> Path:
+def write_kubeconfig(
+    path: Path, *, server: str, ca_file: Path, user: str, token: str, namespace: str = "default"
+) -> Path:
     """A kubeconfig with one cluster, one token user and one context, named `optrun-test`."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "optrun-test", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "clusters": [
+            {"name": "optrun-test", "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
         "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "optrun-test", "context": {"cluster": "optrun-test", "user": user,
-                                                          "namespace": namespace}}],
+        "contexts": [
+            {
+                "name": "optrun-test",
+                "context": {"cluster": "optrun-test", "user": user, "namespace": namespace},
+            }
+        ],
         "current-context": "optrun-test",
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -334,16 +395,22 @@ class Cluster:
         (self.pki / "tokens.csv").chmod(0o600)
         for user, (tok, _) in tokens.items():
             short = {"admin": "admin"}.get(user, user.removeprefix("system:"))
-            write_kubeconfig(self.workdir / f"{short}.kubeconfig", server=self.server,
-                             ca_file=self.ca_file, user=user, token=tok)
+            write_kubeconfig(
+                self.workdir / f"{short}.kubeconfig",
+                server=self.server,
+                ca_file=self.ca_file,
+                user=user,
+                token=tok,
+            )
         shm = Path("/dev/shm")
         # etcd on tmpfs: fsyncs on a slow disk would otherwise dominate every API write.
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
         self.etcd_dir = Path(tempfile.mkdtemp(prefix="optrun-etcd-", dir=base))
         self._save_state()
 
-    def _spawn(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> ManagedProcess:
         log = self.logs / f"{name}.log"
         wrapped = argv
         if not self.detached and shutil.which("setpriv"):
@@ -351,8 +418,13 @@ class Cluster:
             wrapped = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env, cwd=cwd,
+                wrapped,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
             )
         proc = ManagedProcess(name=name, pid=popen.pid, argv=argv, log=log, popen=popen)
         self.processes[name] = proc
@@ -371,81 +443,119 @@ class Cluster:
         end = time.monotonic() + self._remaining(deadline)
         while not ready():
             if time.monotonic() >= end:
-                raise ClusterError(f"{proc.name} not ready in time; log {proc.log}:\n"
-                                   + proc.log.read_text(errors="replace")[-3000:])
+                raise ClusterError(
+                    f"{proc.name} not ready in time; log {proc.log}:\n"
+                    + proc.log.read_text(errors="replace")[-3000:]
+                )
             time.sleep(0.1)
 
     def _start_etcd(self, deadline: float) -> None:
         client = f"http://127.0.0.1:{self.ports['etcd']}"
         peer = f"http://127.0.0.1:{self.ports['etcd-peer']}"
-        proc = self._spawn("etcd", [
-            str(self.assets.etcd), "--name", "default", "--data-dir", str(self.etcd_dir),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"default={peer}", "--initial-cluster-state", "new",
-            "--logger", "zap", "--log-level", "warn",
-        ])
-        self._wait_ready(proc, lambda: _local_get(f"{client}/health").json().get("health") == "true",
-                         deadline)
+        proc = self._spawn(
+            "etcd",
+            [
+                str(self.assets.etcd),
+                "--name",
+                "default",
+                "--data-dir",
+                str(self.etcd_dir),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"default={peer}",
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ],
+        )
+        self._wait_ready(
+            proc, lambda: _local_get(f"{client}/health").json().get("health") == "true", deadline
+        )
 
     def _start_apiserver(self, deadline: float) -> None:
         pki = self.pki
-        proc = self._spawn("kube-apiserver", [
-            str(self.assets.kube_apiserver),
-            f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.api_port}", "--insecure-port=0",
-            f"--cert-dir={self.workdir / 'apiserver-certs'}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            f"--token-auth-file={pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true",
-            # `kubectl logs`: the API server calls the node agent's kubelet endpoint.
-            f"--kubelet-client-certificate={pki / 'apiserver.crt'}",
-            f"--kubelet-client-key={pki / 'apiserver.key'}",
-            "--kubelet-preferred-address-types=InternalIP",
-            # Priority and fairness only adds start-up work and request latency here.
-            "--enable-priority-and-fairness=false",
-            # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none;
-            # in-cluster clients use KUBERNETES_SERVICE_HOST/PORT (127.0.0.1) instead.
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
-            "--event-ttl=1h",
-        ])
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(self.assets.kube_apiserver),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                "--insecure-port=0",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allow-privileged=true",
+                # `kubectl logs`: the API server calls the node agent's kubelet endpoint.
+                f"--kubelet-client-certificate={pki / 'apiserver.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
+                # Priority and fairness only adds start-up work and request latency here.
+                "--enable-priority-and-fairness=false",
+                # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none;
+                # in-cluster clients use KUBERNETES_SERVICE_HOST/PORT (127.0.0.1) instead.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--event-ttl=1h",
+            ],
+        )
         api = self.api()
         self._wait_ready(proc, lambda: api.request("GET", "/readyz", timeout=2) == "ok", deadline)
 
     def _start_controllers(self, deadline: float) -> None:
         pki = self.pki
-        kcm = self._spawn("kube-controller-manager", [
-            str(self.assets.kube_controller_manager),
-            f"--kubeconfig={self.workdir / 'kube-controller-manager.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['kube-controller-manager']}", "--port=0",
-            f"--cert-dir={self.workdir / 'kcm-certs'}",
-            "--leader-elect=false",
-            # Every controller with the rights of its own ServiceAccount, as a kubeadm cluster runs.
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-            f"--cluster-signing-key-file={pki / 'ca.key'}",
-            "--controllers=*",
-            "--profiling=false",
-        ])
-        sched = self._spawn("kube-scheduler", [
-            str(self.assets.kube_scheduler),
-            f"--kubeconfig={self.workdir / 'kube-scheduler.kubeconfig'}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['kube-scheduler']}", "--port=0",
-            f"--cert-dir={self.workdir / 'scheduler-certs'}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ])
+        kcm = self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.assets.kube_controller_manager),
+                f"--kubeconfig={self.workdir / 'kube-controller-manager.kubeconfig'}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['kube-controller-manager']}",
+                "--port=0",
+                f"--cert-dir={self.workdir / 'kcm-certs'}",
+                "--leader-elect=false",
+                # Every controller with the rights of its own ServiceAccount, as a kubeadm cluster runs.
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                "--controllers=*",
+                "--profiling=false",
+            ],
+        )
+        sched = self._spawn(
+            "kube-scheduler",
+            [
+                str(self.assets.kube_scheduler),
+                f"--kubeconfig={self.workdir / 'kube-scheduler.kubeconfig'}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['kube-scheduler']}",
+                "--port=0",
+                f"--cert-dir={self.workdir / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        )
 
         def healthz(port: int) -> bool:
             return _local_get(f"https://127.0.0.1:{port}/healthz", verify=False).text == "ok"
@@ -471,21 +581,31 @@ class Cluster:
         nodes = list(nodes) if nodes is not None else list(nodeagent.DEFAULT_NODES)
         self.node_agent_dir.mkdir(exist_ok=True)
         config = nodeagent.AgentConfig(
-            server=self.server, token=self.admin_token, ca_file=str(self.ca_file),
-            api_port=self.api_port, state_dir=str(self.node_agent_dir),
-            tls_cert=str(self.pki / "apiserver.crt"), tls_key=str(self.pki / "apiserver.key"),
+            server=self.server,
+            token=self.admin_token,
+            ca_file=str(self.ca_file),
+            api_port=self.api_port,
+            state_dir=str(self.node_agent_dir),
+            tls_cert=str(self.pki / "apiserver.crt"),
+            tls_key=str(self.pki / "apiserver.key"),
             nodes=[dataclasses.asdict(n) for n in nodes],
         )
         config_path = self.workdir / "node-agent.json"
         config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        proc = self._spawn("node-agent", [sys.executable, "-m", "tests.support.nodeagent",
-                                          "--config", str(config_path)], env=env, cwd=REPO_ROOT)
+        proc = self._spawn(
+            "node-agent",
+            [sys.executable, "-m", "tests.support.nodeagent", "--config", str(config_path)],
+            env=env,
+            cwd=REPO_ROOT,
+        )
         api = self.api()
 
         def all_ready() -> bool:
-            return all(nodeagent.node_is_schedulable(api.get_or_none(f"/api/v1/nodes/{n.name}")) for n in nodes)
+            return all(
+                nodeagent.node_is_schedulable(api.get_or_none(f"/api/v1/nodes/{n.name}")) for n in nodes
+            )
 
         self._wait_ready(proc, all_ready, time.monotonic() + timeout)
 
@@ -541,7 +661,9 @@ class Cluster:
             "ports": self.ports,
             "kubeconfig": str(self.kubeconfig),
             "etcd_dir": str(self.etcd_dir) if self.etcd_dir else None,
-            "processes": {n: {"pid": p.pid, "argv": p.argv, "log": str(p.log)} for n, p in self.processes.items()},
+            "processes": {
+                n: {"pid": p.pid, "argv": p.argv, "log": str(p.log)} for n, p in self.processes.items()
+            },
         }
         tmp = self.workdir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
@@ -554,11 +676,16 @@ class Cluster:
         cluster = cls(Path(workdir), detached=True, keep_workdir=True)
         cluster.ports = {k: int(v) for k, v in state["ports"].items()}
         cluster.etcd_dir = Path(state["etcd_dir"]) if state.get("etcd_dir") else None
-        tokens = (cluster.pki / "tokens.csv").read_text().splitlines() if (cluster.pki / "tokens.csv").exists() else []
+        tokens = (
+            (cluster.pki / "tokens.csv").read_text().splitlines()
+            if (cluster.pki / "tokens.csv").exists()
+            else []
+        )
         cluster.admin_token = next((line.split(",")[0] for line in tokens if ",admin," in line), "")
         for name, p in state["processes"].items():
-            cluster.processes[name] = ManagedProcess(name=name, pid=int(p["pid"]), argv=list(p["argv"]),
-                                                     log=Path(p["log"]))
+            cluster.processes[name] = ManagedProcess(
+                name=name, pid=int(p["pid"]), argv=list(p["argv"]), log=Path(p["log"])
+            )
         return cluster
 
     def status(self) -> dict[str, bool]:
@@ -582,9 +709,14 @@ class Cluster:
         """A kubeconfig that acts as ServiceAccount namespace/name, default namespace `namespace`."""
         if path is None:
             path = self.workdir / f"sa-{namespace}-{name}.kubeconfig"
-        return write_kubeconfig(path, server=self.server, ca_file=self.ca_file,
-                                user=f"system:serviceaccount:{namespace}:{name}",
-                                token=self.service_account_token(namespace, name), namespace=namespace)
+        return write_kubeconfig(
+            path,
+            server=self.server,
+            ca_file=self.ca_file,
+            user=f"system:serviceaccount:{namespace}:{name}",
+            token=self.service_account_token(namespace, name),
+            namespace=namespace,
+        )
 
 
 @contextlib.contextmanager
@@ -651,7 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster.start()
         if not args.no_nodes:
             cluster.start_node_agent()
-        print(f"control plane {KUBERNETES_VERSION} at {cluster.server} up in {time.monotonic() - started:.1f}s")
+        print(
+            f"control plane {KUBERNETES_VERSION} at {cluster.server} up in {time.monotonic() - started:.1f}s"
+        )
         print(f"export KUBECONFIG={cluster.kubeconfig}")
         return 0
 

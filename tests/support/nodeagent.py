@@ -165,8 +165,9 @@ def node_is_schedulable(node: JSON | None) -> bool:
         return False
     conditions = node.get("status", {}).get("conditions", [])
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-    lifecycle_taints = [t for t in node.get("spec", {}).get("taints", []) or []
-                        if t["key"].startswith("node.kubernetes.io/")]
+    lifecycle_taints = [
+        t for t in node.get("spec", {}).get("taints", []) or [] if t["key"].startswith("node.kubernetes.io/")
+    ]
     return ready and not lifecycle_taints
 
 
@@ -180,9 +181,24 @@ def now_micro() -> str:
 
 # ---- quantities, env expansion ---------------------------------------------------------------
 
-_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-             "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "P": 1e15, "E": 1e18}
+_SUFFIXES = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "": 1,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+}
 
 
 def parse_quantity(text: str | int | float) -> float:
@@ -197,6 +213,7 @@ def parse_quantity(text: str | int | float) -> float:
 
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes $(VAR) expansion: known names expand, $$ escapes, unknown refs stay as they are."""
+
     def repl(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
@@ -243,7 +260,7 @@ class _KubeletHandler(http.server.BaseHTTPRequestHandler):
         data = path.read_bytes()
         if "tailLines" in query:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-int(query["tailLines"]):]) if int(query["tailLines"]) else b""
+            data = b"".join(lines[-int(query["tailLines"]) :]) if int(query["tailLines"]) else b""
         if "limitBytes" in query:
             data = data[: int(query["limitBytes"])]
         follow = query.get("follow") in ("true", "1") and not previous
@@ -330,8 +347,11 @@ class ContainerRun:
         if argv and "/" in argv[0]:
             executable = argv[0] if os.access(argv[0], os.X_OK) else None
         if executable is None:
-            reason = "no command: the node agent has no image entrypoint" if not argv else \
-                f'exec: "{argv[0]}": executable file not found in $PATH'
+            reason = (
+                "no command: the node agent has no image entrypoint"
+                if not argv
+                else f'exec: "{argv[0]}": executable file not found in $PATH'
+            )
             self._finished(128, reason="StartError", message=reason, started=now())
             return
         self.termination_file.write_bytes(b"")
@@ -344,8 +364,12 @@ class ContainerRun:
         with open(log_file, "ab") as out:
             self.popen = subprocess.Popen(
                 [*self.worker.agent.isolation, "/bin/sh", str(script), *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd="/",
             )
         (self.dir / "pid").write_text(str(self.popen.pid))
         self.started_at = now()
@@ -354,8 +378,9 @@ class ContainerRun:
         self.ready = False
         self.probe_state = {}
         self.exit_code = None
-        log.info("pod %s container %s started: pid %d %s", worker.key, self.name, self.popen.pid,
-                 shlex.join(argv))
+        log.info(
+            "pod %s container %s started: pid %d %s", worker.key, self.name, self.popen.pid, shlex.join(argv)
+        )
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -380,7 +405,9 @@ class ContainerRun:
             pgid = int((self.dir / "pid").read_text())
             os.killpg(pgid, signal.SIGKILL)
 
-    def _finished(self, code: int, *, started: str, reason: str | None = None, message: str | None = None) -> None:
+    def _finished(
+        self, code: int, *, started: str, reason: str | None = None, message: str | None = None
+    ) -> None:
         if message is None:
             message = self._termination_message(code)
         terminated = {
@@ -433,8 +460,12 @@ class ContainerRun:
 
     def status(self) -> JSON:
         if "waiting" in self.state and "terminated" in self.last_state and not self.done:
-            waiting = {"waiting": {"reason": "CrashLoopBackOff",
-                                   "message": f"back-off restarting failed container {self.name}"}}
+            waiting = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off restarting failed container {self.name}",
+                }
+            }
         else:
             waiting = None
         status: JSON = {
@@ -468,7 +499,8 @@ class ContainerRun:
             if kind == "startupProbe" and self.started:
                 continue
             state = self.probe_state.setdefault(
-                kind, {"next": time.monotonic() + probe.get("initialDelaySeconds", 0), "ok": 0, "fail": 0})
+                kind, {"next": time.monotonic() + probe.get("initialDelaySeconds", 0), "ok": 0, "fail": 0}
+            )
             if time.monotonic() < state["next"]:
                 continue
             state["next"] = time.monotonic() + probe.get("periodSeconds", 10)
@@ -501,7 +533,9 @@ def _launcher(mounts: list[tuple[str, str, bool, bool]], workdir: str) -> str:
     lines = ["set -e"]
     for source, target, read_only, is_file in mounts:
         if is_file:
-            lines.append(f"[ -e {q(target)} ] || {{ mkdir -p {q(os.path.dirname(target))}; : > {q(target)}; }}")
+            lines.append(
+                f"[ -e {q(target)} ] || {{ mkdir -p {q(os.path.dirname(target))}; : > {q(target)}; }}"
+            )
         else:
             lines.append(f"mkdir -p {q(target)}")
         lines.append(f"mount --bind {q(source)} {q(target)}")
@@ -559,13 +593,18 @@ class PodWorker(threading.Thread):
         if match:
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
         values = {
-            "metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-            "metadata.uid": meta["uid"], "spec.nodeName": spec.get("nodeName", ""),
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": spec.get("nodeName", ""),
             "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-            "status.hostIP": "127.0.0.1", "status.podIP": self.ip, "status.podIPs": self.ip,
+            "status.hostIP": "127.0.0.1",
+            "status.podIP": self.ip,
+            "status.podIPs": self.ip,
             "metadata.labels": "\n".join(f'{k}="{v}"' for k, v in sorted((meta.get("labels") or {}).items())),
             "metadata.annotations": "\n".join(
-                f'{k}="{v}"' for k, v in sorted((meta.get("annotations") or {}).items())),
+                f'{k}="{v}"' for k, v in sorted((meta.get("annotations") or {}).items())
+            ),
         }
         if path not in values:
             raise ConfigError(f"unsupported fieldRef {path}")
@@ -573,7 +612,9 @@ class PodWorker(threading.Thread):
 
     def resource_value(self, ref: JSON, container: JSON | None) -> str:
         if container is None:
-            container = next(c for c in self.pod["spec"]["containers"] if c["name"] == ref.get("containerName"))
+            container = next(
+                c for c in self.pod["spec"]["containers"] if c["name"] == ref.get("containerName")
+            )
         kind, _, resource = ref["resource"].partition(".")
         resources = container.get("resources", {})
         value = (resources.get(kind) or {}).get(resource)
@@ -593,7 +634,9 @@ class PodWorker(threading.Thread):
                 return None
             raise ConfigError(f'{kind.lower()} "{name}" not found')
         if kind == "Secret":
-            return {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()}
+            return {
+                k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()
+            }
         return dict(obj.get("data") or {})
 
     def container_env(self, container: JSON) -> dict[str, str]:
@@ -637,8 +680,9 @@ class PodWorker(threading.Thread):
                         if found is not None and ref["key"] in found:
                             env[name] = found[ref["key"]]
                         elif not ref.get("optional", False):
-                            raise ConfigError(f"couldn't find key {ref['key']} in {kind} "
-                                              f"{self.namespace}/{ref['name']}")
+                            raise ConfigError(
+                                f"couldn't find key {ref['key']} in {kind} {self.namespace}/{ref['name']}"
+                            )
         return env
 
     def mounts_for(self, container: JSON) -> list[tuple[str, str, bool, bool]]:
@@ -694,14 +738,23 @@ class PodWorker(threading.Thread):
             if "emptyDir" in volume:
                 target.mkdir(parents=True, exist_ok=True)
             elif "configMap" in volume:
-                self._write_files(target, self._keyed_files("ConfigMap", volume["configMap"]),
-                                  volume["configMap"].get("defaultMode", 0o644))
+                self._write_files(
+                    target,
+                    self._keyed_files("ConfigMap", volume["configMap"]),
+                    volume["configMap"].get("defaultMode", 0o644),
+                )
             elif "secret" in volume:
-                self._write_files(target, self._keyed_files("Secret", volume["secret"]),
-                                  volume["secret"].get("defaultMode", 0o644))
+                self._write_files(
+                    target,
+                    self._keyed_files("Secret", volume["secret"]),
+                    volume["secret"].get("defaultMode", 0o644),
+                )
             elif "downwardAPI" in volume:
-                self._write_files(target, self._downward_files(volume["downwardAPI"].get("items", [])),
-                                  volume["downwardAPI"].get("defaultMode", 0o644))
+                self._write_files(
+                    target,
+                    self._downward_files(volume["downwardAPI"].get("items", [])),
+                    volume["downwardAPI"].get("defaultMode", 0o644),
+                )
             elif "projected" in volume:
                 files: dict[str, str | bytes] = {}
                 for source in volume["projected"].get("sources", []):
@@ -712,7 +765,9 @@ class PodWorker(threading.Thread):
                     elif "downwardAPI" in source:
                         files.update(self._downward_files(source["downwardAPI"].get("items", [])))
                     elif "serviceAccountToken" in source:
-                        files[source["serviceAccountToken"]["path"]] = self._bound_token(source["serviceAccountToken"])
+                        files[source["serviceAccountToken"]["path"]] = self._bound_token(
+                            source["serviceAccountToken"]
+                        )
                 self._write_files(target, files, volume["projected"].get("defaultMode", 0o644))
             elif "persistentVolumeClaim" in volume:
                 target = self.agent.claim_dir(self.namespace, volume["persistentVolumeClaim"]["claimName"])
@@ -726,12 +781,18 @@ class PodWorker(threading.Thread):
 
     def _bound_token(self, source: JSON) -> str:
         account = self.pod["spec"].get("serviceAccountName", "default")
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
-            "audiences": [source["audience"]] if source.get("audience") else None,
-            "expirationSeconds": source.get("expirationSeconds", 3600),
-            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid}}}
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [source["audience"]] if source.get("audience") else None,
+                "expirationSeconds": source.get("expirationSeconds", 3600),
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
+            },
+        }
         result = self.agent.api.create(
-            f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token", body)
+            f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{account}/token", body
+        )
         return str(result["status"]["token"])
 
     # -- probes and hooks ----------------------------------------------------------------------
@@ -760,13 +821,16 @@ class PodWorker(threading.Thread):
             if "tcpSocket" in handler:
                 sock = handler["tcpSocket"]
                 with socket.create_connection(
-                    (sock.get("host") or self.ip, self._port(run.spec, sock["port"])), timeout=timeout):
+                    (sock.get("host") or self.ip, self._port(run.spec, sock["port"])), timeout=timeout
+                ):
                     return True
             if "exec" in handler and run.popen is not None:
                 env = self.container_env(run.spec)
                 result = subprocess.run(
                     ["nsenter", "-t", str(run.popen.pid), "-m", "--", *handler["exec"]["command"]],
-                    env=env, capture_output=True, timeout=timeout,
+                    env=env,
+                    capture_output=True,
+                    timeout=timeout,
                 )
                 return result.returncode == 0
         except (OSError, requests.RequestException, subprocess.TimeoutExpired, ValueError, ConfigError):
@@ -845,8 +909,12 @@ class PodWorker(threading.Thread):
         previous = self._transitions.get(kind)
         if previous is None or previous[0] != status:
             self._transitions[kind] = (status, now())
-        condition: JSON = {"type": kind, "status": status, "lastProbeTime": None,
-                           "lastTransitionTime": self._transitions[kind][1]}
+        condition: JSON = {
+            "type": kind,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": self._transitions[kind][1],
+        }
         if reason and not ok:
             condition["reason"] = reason
         return condition
@@ -854,7 +922,9 @@ class PodWorker(threading.Thread):
     def build_status(self) -> JSON:
         initialized = all(r.done and r.exit_code == 0 for r in self.init_runs)
         ready = initialized and bool(self.runs) and all(r.ready and r.running() for r in self.runs)
-        scheduled = [c for c in self.pod.get("status", {}).get("conditions", []) if c["type"] == "PodScheduled"]
+        scheduled = [
+            c for c in self.pod.get("status", {}).get("conditions", []) if c["type"] == "PodScheduled"
+        ]
         status: JSON = {
             "phase": self.phase(),
             "hostIP": "127.0.0.1",
@@ -886,7 +956,8 @@ class PodWorker(threading.Thread):
             return
         try:
             self.agent.api.merge_patch(
-                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status", {"status": status})
+                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status", {"status": status}
+            )
             self._reported = status
         except ApiError as err:
             if err.status == 404:
@@ -900,8 +971,12 @@ class PodWorker(threading.Thread):
         """The containers are gone: remove the pod object (grace 0, guarded by its uid)."""
         if self.removed.is_set():
             return
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                "preconditions": {"uid": self.uid}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": self.uid},
+        }
         with contextlib.suppress(ApiError, requests.RequestException):
             self.agent.api.delete(f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}", body)
 
@@ -937,8 +1012,11 @@ class PodWorker(threading.Thread):
                 self.report()
                 self.finalize()
                 return
-            if deadline is not None and not self.deadline_exceeded and \
-                    time.monotonic() - self.started_monotonic > float(deadline):
+            if (
+                deadline is not None
+                and not self.deadline_exceeded
+                and time.monotonic() - self.started_monotonic > float(deadline)
+            ):
                 self.deadline_exceeded = True
                 self.kill_all(self.grace_seconds())
             self._step()
@@ -989,10 +1067,30 @@ class NodeAgent:
         self._next_ip = 1
         self._ips_in_use: set[str] = set()
         if os.geteuid() == 0:
-            self.isolation = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--mount", "--propagation", "private", "--"]
+            self.isolation = [
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+            ]
         else:
-            self.isolation = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--map-root-user", "--mount",
-                              "--propagation", "private", "--"]
+            self.isolation = [
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "unshare",
+                "--map-root-user",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+            ]
         self._server: http.server.ThreadingHTTPServer | None = None
         self.kubelet_port = 0
         self._threads: list[threading.Thread] = []
@@ -1004,8 +1102,11 @@ class NodeAgent:
         self._start_kubelet_endpoint()
         self._register_nodes()
         self._ensure_storage_class()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._pod_watch_loop, "pods"),
-                             (self._provisioner_loop, "provisioner")):
+        for target, name in (
+            (self._heartbeat_loop, "heartbeat"),
+            (self._pod_watch_loop, "pods"),
+            (self._provisioner_loop, "provisioner"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -1038,26 +1139,42 @@ class NodeAgent:
 
     def _register_nodes(self) -> None:
         for spec in self.nodes.values():
-            body = {"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": spec.name, "labels": spec.node_labels()},
-                    "spec": {"taints": spec.taints} if spec.taints else {}}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": spec.name, "labels": spec.node_labels()},
+                "spec": {"taints": spec.taints} if spec.taints else {},
+            }
             try:
                 self.api.create("/api/v1/nodes", body)
             except ApiError as err:
                 if err.status != 409:
                     raise
-                self.api.merge_patch(f"/api/v1/nodes/{spec.name}", {"metadata": {"labels": spec.node_labels()}})
+                self.api.merge_patch(
+                    f"/api/v1/nodes/{spec.name}", {"metadata": {"labels": spec.node_labels()}}
+                )
             self._update_node_status(spec)
             self._renew_lease(spec)
 
     def _update_node_status(self, spec: NodeSpec) -> None:
-        capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": str(spec.pods),
-                    "ephemeral-storage": "500Gi", "nvidia.com/gpu": str(spec.gpus)}
+        capacity = {
+            "cpu": spec.cpu,
+            "memory": spec.memory,
+            "pods": str(spec.pods),
+            "ephemeral-storage": "500Gi",
+            "nvidia.com/gpu": str(spec.gpus),
+        }
         heartbeat = now()
 
         def condition(kind: str, ok: bool, reason: str, message: str) -> JSON:
-            return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message,
-                    "lastHeartbeatTime": heartbeat, "lastTransitionTime": self._started_at}
+            return {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": heartbeat,
+                "lastTransitionTime": self._started_at,
+            }
 
         status = {
             "capacity": capacity,
@@ -1068,33 +1185,58 @@ class NodeAgent:
                 condition("PIDPressure", False, "KubeletHasSufficientPID", "node agent"),
                 condition("Ready", True, "KubeletReady", "optrun node agent is posting ready status"),
             ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                          {"type": "Hostname", "address": spec.name}],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": spec.name},
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
-                "machineID": spec.name, "systemUUID": spec.name, "bootID": self._started_at,
-                "kernelVersion": os.uname().release, "osImage": "optrun node agent",
-                "containerRuntimeVersion": "optrun-agent://0.1", "kubeletVersion": "v1.20.2",
-                "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64",
+                "machineID": spec.name,
+                "systemUUID": spec.name,
+                "bootID": self._started_at,
+                "kernelVersion": os.uname().release,
+                "osImage": "optrun node agent",
+                "containerRuntimeVersion": "optrun-agent://0.1",
+                "kubeletVersion": "v1.20.2",
+                "kubeProxyVersion": "v1.20.2",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         }
         self.api.merge_patch(f"/api/v1/nodes/{spec.name}/status", {"status": status})
 
     def _renew_lease(self, spec: NodeSpec) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{spec.name}"
-        patch = {"spec": {"holderIdentity": spec.name, "leaseDurationSeconds": LEASE_SECONDS,
-                          "renewTime": now_micro()}}
+        patch = {
+            "spec": {
+                "holderIdentity": spec.name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": now_micro(),
+            }
+        }
         try:
             self.api.merge_patch(path, patch)
         except ApiError as err:
             if err.status != 404:
                 raise
             node = self.api.get(f"/api/v1/nodes/{spec.name}")
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": spec.name, "namespace": "kube-node-lease",
-                                 "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": spec.name,
-                                                      "uid": node["metadata"]["uid"]}]},
-                    **patch}
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": spec.name,
+                    "namespace": "kube-node-lease",
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Node",
+                            "name": spec.name,
+                            "uid": node["metadata"]["uid"],
+                        }
+                    ],
+                },
+                **patch,
+            }
             self.api.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", body)
 
     def _heartbeat_loop(self) -> None:
@@ -1110,7 +1252,9 @@ class NodeAgent:
 
     def find_worker(self, namespace: str, name: str) -> PodWorker | None:
         with self.lock:
-            return next((w for w in self.workers.values() if w.namespace == namespace and w.pod_name == name), None)
+            return next(
+                (w for w in self.workers.values() if w.namespace == namespace and w.pod_name == name), None
+            )
 
     def forget(self, worker: PodWorker) -> None:
         with self.lock:
@@ -1140,7 +1284,9 @@ class NodeAgent:
             if worker is None:
                 if meta.get("deletionTimestamp"):
                     # Deleted before (or after) we ran it: nothing runs, so finish the deletion.
-                    threading.Thread(target=PodWorker.finalize, args=(_Finalizer(self, pod),), daemon=True).start()
+                    threading.Thread(
+                        target=PodWorker.finalize, args=(_Finalizer(self, pod),), daemon=True
+                    ).start()
                     return
                 if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                     return
@@ -1187,10 +1333,17 @@ class NodeAgent:
         return path
 
     def _ensure_storage_class(self) -> None:
-        body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": "standard",
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"}
+        body = {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": "standard",
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": PROVISIONER,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        }
         with contextlib.suppress(ApiError):
             self.api.create("/apis/storage.k8s.io/v1/storageclasses", body)
 
@@ -1199,15 +1352,22 @@ class NodeAgent:
         while not self.stopping.wait(1):
             try:
                 for claim in self.api.get("/api/v1/persistentvolumeclaims")["items"]:
-                    if not claim["spec"].get("volumeName") and claim.get("status", {}).get("phase") == "Pending":
+                    if (
+                        not claim["spec"].get("volumeName")
+                        and claim.get("status", {}).get("phase") == "Pending"
+                    ):
                         self._provision(claim)
-                volumes = self.api.get("/api/v1/persistentvolumes", labelSelector=f"{PROVISIONED_LABEL}={AGENT_NAME}")
+                volumes = self.api.get(
+                    "/api/v1/persistentvolumes", labelSelector=f"{PROVISIONED_LABEL}={AGENT_NAME}"
+                )
                 for volume in volumes["items"]:
                     if volume.get("status", {}).get("phase") == "Released":
                         ref = volume["spec"]["claimRef"]
                         self.api.delete(f"/api/v1/persistentvolumes/{volume['metadata']['name']}")
-                        shutil.rmtree(Path(self.config.state_dir) / "pvcs" / ref["namespace"] / ref["name"],
-                                      ignore_errors=True)
+                        shutil.rmtree(
+                            Path(self.config.state_dir) / "pvcs" / ref["namespace"] / ref["name"],
+                            ignore_errors=True,
+                        )
             except (ApiError, requests.RequestException) as err:
                 log.warning("provisioner: %s", err)
 
@@ -1215,22 +1375,33 @@ class NodeAgent:
         meta, spec = claim["metadata"], claim["spec"]
         path = self.claim_dir(meta["namespace"], meta["name"])
         body: JSON = {
-            "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": f"pvc-{meta['uid']}", "labels": {PROVISIONED_LABEL: AGENT_NAME},
-                         "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {
+                "name": f"pvc-{meta['uid']}",
+                "labels": {PROVISIONED_LABEL: AGENT_NAME},
+                "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+            },
             "spec": {
                 "capacity": {"storage": spec.get("resources", {}).get("requests", {}).get("storage", "1Gi")},
                 "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
                 "persistentVolumeReclaimPolicy": "Retain",
                 "storageClassName": spec.get("storageClassName") or "",
                 "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
-                "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": meta["namespace"],
-                             "name": meta["name"], "uid": meta["uid"]},
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": meta["namespace"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             },
         }
         with contextlib.suppress(ApiError):
             self.api.create("/api/v1/persistentvolumes", body)
-            log.info("provisioned %s for claim %s/%s", body["metadata"]["name"], meta["namespace"], meta["name"])
+            log.info(
+                "provisioned %s for claim %s/%s", body["metadata"]["name"], meta["namespace"], meta["name"]
+            )
 
 
 class _Finalizer:
@@ -1250,19 +1421,25 @@ def iter_pod_dirs(state_dir: Path) -> Iterator[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.nodeagent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.nodeagent", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True, type=Path, help="AgentConfig as JSON")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(threadName)s %(message)s",
+    )
     config = AgentConfig(**json.loads(args.config.read_text()))
     agent = NodeAgent(config)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     agent.start()
-    log.info("node agent up: nodes %s, kubelet endpoint 127.0.0.1:%d", ", ".join(agent.nodes), agent.kubelet_port)
+    log.info(
+        "node agent up: nodes %s, kubelet endpoint 127.0.0.1:%d", ", ".join(agent.nodes), agent.kubelet_port
+    )
     done.wait()
     log.info("node agent stopping")
     agent.stop()

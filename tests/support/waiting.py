@@ -37,5 +37,7 @@ def wait_for(
         if time.monotonic() >= deadline:
             text = message() if callable(message) else message
             detail = f"last error: {last_error!r}" if last_error else f"last value: {last_value!r}"
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {text or predicate!r}; {detail}") from last_error
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {text or predicate!r}; {detail}"
+            ) from last_error
         time.sleep(interval)
