@@ -370,6 +370,108 @@ def test_failing_container_reports_its_log_tail_as_termination_message(kube: Any
     assert terminated.message == "about to fail\nboom: bad input\n"
 
 
+def test_in_cluster_client_in_a_pod_reaches_the_api_server_with_its_service_account(
+    kube: Any, namespace: str
+) -> None:
+    """What the operator does when Helm installs it: load_incluster_config() in a pod."""
+    core = k8s.CoreV1Api(kube)
+    script = textwrap.dedent("""
+        from kubernetes import client, config
+        config.load_incluster_config()
+        print(client.VersionApi().get_code().git_version, flush=True)
+        try:
+            client.CoreV1Api().list_namespaced_secret("kube-system")
+        except client.ApiException as err:
+            print(err.status, flush=True)
+    """)
+    core.create_namespaced_pod(namespace, python_pod("in-cluster", script, restartPolicy="Never"))
+    wait_for(
+        lambda: core.read_namespaced_pod("in-cluster", namespace).status.phase == "Succeeded", timeout=60
+    )
+    assert pod_logs(core, namespace, "in-cluster") == "v1.20.2\n403\n", (
+        "authenticated as default SA, not admin"
+    )
+
+
+def test_secret_env_and_volumes_emptydir_and_a_provisioned_claim_reach_the_process(
+    kube: Any, namespace: str
+) -> None:
+    core = k8s.CoreV1Api(kube)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}}
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "checkpoints"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+    writer = textwrap.dedent("""
+        import os
+        assert os.environ["PASSWORD"] == open("/etc/creds/password").read() == "s3cret"
+        open("/scratch/x", "w").write("scratch")
+        open("/checkpoints/step-100", "w").write(os.environ["POD_NAME"])
+    """)
+    reader = "print(open('/checkpoints/step-100').read(), flush=True)"
+
+    def pod(name: str, script: str) -> dict[str, Any]:
+        body = python_pod(
+            name,
+            script,
+            restartPolicy="Never",
+            volumes=[
+                {"name": "creds", "secret": {"secretName": "creds"}},
+                {"name": "scratch", "emptyDir": {}},
+                {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "checkpoints"}},
+            ],
+        )
+        body["spec"]["containers"][0].update(
+            env=[
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+            volumeMounts=[
+                {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+                {"name": "scratch", "mountPath": "/scratch"},
+                {"name": "checkpoints", "mountPath": "/checkpoints"},
+            ],
+        )
+        return body
+
+    def phase(name: str) -> str:
+        return str(core.read_namespaced_pod(name, namespace).status.phase)
+
+    core.create_namespaced_pod(namespace, pod("writer", writer))
+    wait_for(lambda: phase("writer") in ("Succeeded", "Failed"), timeout=60)
+    assert phase("writer") == "Succeeded", pod_logs(core, namespace, "writer")
+    claim = core.read_namespaced_persistent_volume_claim("checkpoints", namespace)
+    assert claim.status.phase == "Bound", "bound by the real PV controller"
+    core.create_namespaced_pod(namespace, pod("reader", reader))
+    wait_for(lambda: phase("reader") == "Succeeded")
+    assert pod_logs(core, namespace, "reader") == "writer\n", "the claim outlives the pod that wrote it"
+
+
+def test_container_that_fails_once_is_restarted_and_its_last_state_reported(
+    kube: Any, namespace: str
+) -> None:
+    core = k8s.CoreV1Api(kube)
+    script = textwrap.dedent("""
+        import os, sys
+        if not os.path.exists("/state/tried"):
+            open("/state/tried", "w").close()
+            sys.exit(7)
+    """)
+    pod = python_pod("flaky", script, restartPolicy="OnFailure", volumes=[{"name": "state", "emptyDir": {}}])
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "state", "mountPath": "/state"}]
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(lambda: core.read_namespaced_pod("flaky", namespace).status.phase == "Succeeded")
+    (status,) = core.read_namespaced_pod("flaky", namespace).status.container_statuses
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 7
+    assert status.state.terminated.exit_code == 0
+
+
 # ---- the controller manager ------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,23 @@ def _pid_runs(pid: int, argv0: str) -> bool:
     return any(argv0.encode() in part for part in cmdline)
 
 
+def _remove_stale_etcd_dirs() -> None:
+    """Remove /dev/shm/optrun-etcd-* left by killed sessions (each holds a 64 MB WAL in memory).
+
+    A directory is stale when no running process names it on its command line.
+    """
+    candidates = list(Path("/dev/shm").glob("optrun-etcd-*"))
+    if not candidates:
+        return
+    in_use: set[str] = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            in_use.update(arg.decode(errors="replace") for arg in cmdline.read_bytes().split(b"\0"))
+    for path in candidates:
+        if str(path) not in in_use:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class ClusterError(RuntimeError):
     """The control plane did not come up; the message carries the failing component's log."""
 
@@ -402,6 +419,7 @@ class Cluster:
                 user=user,
                 token=tok,
             )
+        _remove_stale_etcd_dirs()
         shm = Path("/dev/shm")
         # etcd on tmpfs: fsyncs on a slow disk would otherwise dominate every API write.
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
@@ -571,9 +589,18 @@ class Cluster:
 
         self._wait_ready(kcm, default_account_has_token, deadline)
 
-    def start_node_agent(self, nodes: Sequence[Any] | None = None, timeout: float = 60) -> None:
+    def start_node_agent(
+        self,
+        nodes: Sequence[Any] | None = None,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        timeout: float = 60,
+    ) -> None:
         """Run the node agent (tests/support/nodeagent.py) for `nodes` (NodeSpec list; default
-        nodeagent.DEFAULT_NODES) and wait until every node is Ready and schedulable."""
+        nodeagent.DEFAULT_NODES) and wait until every node is Ready and schedulable.
+
+        `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say).
+        """
         from tests.support import nodeagent
 
         if "node-agent" in self.processes:
@@ -589,6 +616,7 @@ class Cluster:
             tls_cert=str(self.pki / "apiserver.crt"),
             tls_key=str(self.pki / "apiserver.key"),
             nodes=[dataclasses.asdict(n) for n in nodes],
+            extra_env=dict(extra_env or {}),
         )
         config_path = self.workdir / "node-agent.json"
         config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -609,12 +637,22 @@ class Cluster:
 
         self._wait_ready(proc, all_ready, time.monotonic() + timeout)
 
-    def stop_node_agent(self, timeout: float = 30) -> None:
-        """Stop the node agent; it terminates its pods' processes first (bounded)."""
+    def stop_node_agent(self, timeout: float = 30, *, delete_nodes: bool = False) -> None:
+        """Stop the node agent; it terminates its pods' processes first (bounded).
+
+        `delete_nodes` also removes its Node objects, so that the scheduler stops placing pods
+        on them at once (before restarting the agent with another set of nodes).
+        """
         proc = self.processes.pop("node-agent", None)
         if proc is not None:
             proc.stop(timeout)
         self._kill_leftover_pods()
+        config = self.workdir / "node-agent.json"
+        if delete_nodes and config.exists():
+            api = self.api()
+            for node in json.loads(config.read_text())["nodes"]:
+                with contextlib.suppress(ApiError):
+                    api.delete(f"/api/v1/nodes/{node['name']}")
         self._save_state()
 
     def _kill_leftover_pods(self) -> None:

@@ -101,7 +101,7 @@ def node_agent(cluster: cluster_mod.Cluster) -> NodeAgentView:
 def kube(cluster: cluster_mod.Cluster) -> Iterator[Any]:
     from kubernetes import config
 
-    client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    client = config.new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     try:
         yield client
     finally:

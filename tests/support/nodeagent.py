@@ -1021,7 +1021,9 @@ class PodWorker(threading.Thread):
                 self.kill_all(self.grace_seconds())
             self._step()
             self.report()
-            time.sleep(LOOP_INTERVAL)
+            finished = all(r.done for r in self.init_runs + self.runs)
+            # A finished pod only waits for its deletion: look less often.
+            time.sleep(LOOP_INTERVAL * (5 if finished else 1))
         if agent.stopping.is_set():
             self.kill_all(min(self.grace_seconds(), agent.shutdown_grace))
         elif self.removed.is_set():
