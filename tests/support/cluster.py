@@ -427,13 +427,24 @@ class Cluster:
         self._save_state()
 
     def _spawn(
-        self, name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        death_signal: str = "KILL",
     ) -> ManagedProcess:
+        """Start one component in a session of its own, output to logs/NAME.log.
+
+        Unless detached, it gets `death_signal` when this interpreter dies, even by SIGKILL
+        (a pytest timeout, Ctrl-C twice). Note that the parent-death signal follows the
+        *thread* that spawned the process: start clusters from a thread that outlives them.
+        """
         log = self.logs / f"{name}.log"
         wrapped = argv
         if not self.detached and shutil.which("setpriv"):
-            # Die with this interpreter even if it is SIGKILLed (pytest timeouts, Ctrl-C twice).
-            wrapped = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+            wrapped = ["setpriv", "--pdeathsig", death_signal, "--", *argv]
         with open(log, "ab") as out:
             popen = subprocess.Popen(
                 wrapped,
@@ -627,6 +638,8 @@ class Cluster:
             [sys.executable, "-m", "tests.support.nodeagent", "--config", str(config_path)],
             env=env,
             cwd=REPO_ROOT,
+            # SIGTERM, not SIGKILL: the agent then stops its pods' processes (bounded) before it exits.
+            death_signal="TERM",
         )
         api = self.api()
 

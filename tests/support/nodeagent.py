@@ -459,15 +459,16 @@ class ContainerRun:
         return message
 
     def status(self) -> JSON:
-        if "waiting" in self.state and "terminated" in self.last_state and not self.done:
-            waiting = {
+        state, last_state = self.state, self.last_state
+        if "terminated" in self.state and not self.done:
+            # Between an exit and its restart the kubelet shows the back-off, and the exit as lastState.
+            state = {
                 "waiting": {
                     "reason": "CrashLoopBackOff",
                     "message": f"back-off restarting failed container {self.name}",
                 }
             }
-        else:
-            waiting = None
+            last_state = self.state
         status: JSON = {
             "name": self.name,
             "image": self.spec.get("image", ""),
@@ -475,8 +476,8 @@ class ContainerRun:
             "ready": self.ready,
             "restartCount": self.restart_count,
             "started": self.started and self.running(),
-            "state": waiting or self.state,
-            "lastState": self.last_state,
+            "state": state,
+            "lastState": last_state,
         }
         if "waiting" not in self.state or self.restart_count:
             status["containerID"] = self.container_id
