@@ -42,8 +42,11 @@ def _sample_run(ctx: RunContext, model: nn.Module) -> Any:
     dtype = ctx.dtype
 
     def run() -> object:
-        amp = (torch.autocast(ctx.device.type, dtype=dtype) if dtype != torch.float32
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(ctx.device.type, dtype=dtype)
+            if dtype != torch.float32
+            else contextlib.nullcontext()
+        )
         with amp:
             return model.loss(x, y) if hasattr(model, "loss") else model(x)
 
@@ -79,14 +82,16 @@ def optimize(ctx: RunContext, model: nn.Module) -> nn.Module:
     return model
 
 
-def summary(mode: str, ctx: RunContext, selections: dict[str, Selection], report: PatchReport,
-            seconds: float) -> dict[str, Any]:
+def summary(
+    mode: str, ctx: RunContext, selections: dict[str, Selection], report: PatchReport, seconds: float
+) -> dict[str, Any]:
     return {
         "mode": mode,
         "device": ctx.hardware.name,
         "deviceClass": ctx.hardware.device_class,
         "choices": {
-            op: {k: v for k, v in s.to_dict().items() if k not in ("op", "mode")} for op, s in selections.items()
+            op: {k: v for k, v in s.to_dict().items() if k not in ("op", "mode")}
+            for op, s in selections.items()
         },
         "swapped": report.to_dict(),
         "seconds": round(seconds, 3),

@@ -45,14 +45,22 @@ class TritonSwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with the fused Triton gate; the projections keep their names
     (w1, w3, w2 in the built-in model; gate_proj, up_proj, down_proj in Llama-style models)."""
 
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, names: tuple[str, str, str] = ("w1", "w3", "w2")) -> None:
+    def __init__(
+        self,
+        gate: nn.Module,
+        up: nn.Module,
+        down: nn.Module,
+        names: tuple[str, str, str] = ("w1", "w3", "w2"),
+    ) -> None:
         super().__init__()
         self._names = names
         for name, layer in zip(names, (gate, up, down), strict=True):
             self.add_module(name, layer)
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, gate: str = "w1", up: str = "w3", down: str = "w2") -> TritonSwiGLU:
+    def from_module(
+        cls, module: nn.Module, *, gate: str = "w1", up: str = "w3", down: str = "w2"
+    ) -> TritonSwiGLU:
         """Reuse `module`'s projection layers (shared, not copied)."""
         return cls(getattr(module, gate), getattr(module, up), getattr(module, down), (gate, up, down))
 
@@ -77,7 +85,9 @@ class TritonRotaryEmbedding(nn.Module):
     def forward(self, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         t = q.shape[-2]
         if start + t > self.cos.shape[0]:
-            raise ValueError(f"start: positions up to {start + t} exceed the {self.cos.shape[0]} the tables hold")
+            raise ValueError(
+                f"start: positions up to {start + t} exceed the {self.cos.shape[0]} the tables hold"
+            )
         return rotary(q, k, self.cos[start : start + t], self.sin[start : start + t])
 
 
@@ -96,4 +106,3 @@ class FusedLMHeadLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         return fused_linear_cross_entropy(hidden, weight, targets, self.ignore_index, self.chunk_rows)
-

@@ -71,8 +71,13 @@ def compare(actual: Tensor, expected: Tensor, tol: Tolerance, what: str = "tenso
     """None when `actual` matches `expected` within `tol`; else where and by how much it does not.
     Shapes must agree; NaN or Inf on either side is a mismatch unless both agree exactly."""
     if actual.shape != expected.shape:
-        raise ValueError(f"{what}: shape {tuple(actual.shape)} does not match expected {tuple(expected.shape)}")
-    a, e = actual.detach().double(), expected.detach().double()
+        raise ValueError(
+            f"{what}: shape {tuple(actual.shape)} does not match expected {tuple(expected.shape)}"
+        )
+    a, e = (
+        actual.detach().double().reshape(actual.shape or (1,)),
+        expected.detach().double().reshape(actual.shape or (1,)),
+    )
     if a.numel() == 0:
         return None
     diff = (a - e).abs()

@@ -98,12 +98,17 @@ def llama_style_binding(module: nn.Module) -> Binding | None:
                 return Binding("rms_norm", {"weight": "weight", "eps": eps})
     projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
-    if all(isinstance(p, nn.Linear) for p in projections) and type(act).__name__ in ("SiLU", "SiLUActivation"):
+    if all(isinstance(p, nn.Linear) for p in projections) and type(act).__name__ in (
+        "SiLU",
+        "SiLUActivation",
+    ):
         return Binding("swiglu", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
     return None
 
 
-def binding_for(module: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None) -> Binding | None:
+def binding_for(
+    module: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None
+) -> Binding | None:
     """How `module` maps onto an operation: a declared mapping first, then the defaults, then
     Llama-style structure; None for modules no operation covers (and for already fused ones)."""
     if isinstance(module, _FUSED_TYPES):

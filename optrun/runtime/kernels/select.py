@@ -113,11 +113,18 @@ def capture(
             continue
         seen.add(binding.op)
 
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, _p: str = path,
-                 _b: Binding = binding) -> None:
+        def hook(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            *,
+            _p: str = path,
+            _b: Binding = binding,
+        ) -> None:
             if _b.op not in samples:
-                samples[_b.op] = _Sample(_p, mod, _b, tuple(_clone(a) for a in args),
-                                         {k: _clone(v) for k, v in kwargs.items()})
+                samples[_b.op] = _Sample(
+                    _p, mod, _b, tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}
+                )
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -141,11 +148,18 @@ class _Step:
     """Forward + backward of one candidate on a sample's inputs; gradients go to fresh leaves and
     are returned (torch.autograd.grad), so the model's own .grad stays untouched."""
 
-    def __init__(self, fn: Callable[..., Any], sample: _Sample, params: list[nn.Parameter],
-                 autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        sample: _Sample,
+        params: list[nn.Parameter],
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> None:
         self.fn, self.sample, self.params, self.autocast = fn, sample, params, autocast
-        self.args = [a.requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
-                     for a in (_clone(a) for a in sample.args)]
+        self.args = [
+            a.requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in (_clone(a) for a in sample.args)
+        ]
         self.leaves = [a for a in self.args if isinstance(a, Tensor) and a.requires_grad] + list(params)
         self.grad_out: list[Tensor] | None = None
 
@@ -156,16 +170,20 @@ class _Step:
         if self.grad_out is None:  # fixed per sample, so every candidate sees the same upstream gradient
             gen = torch.Generator(device=outs[0].device).manual_seed(0)
             self.grad_out = [
-                torch.ones_like(o) if o.dim() == 0 else torch.randn(o.shape, generator=gen, device=o.device,
-                                                                     dtype=o.dtype)
+                torch.ones_like(o)
+                if o.dim() == 0
+                else torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
                 for o in outs
             ]
         grads = torch.autograd.grad(outs, self.leaves, self.grad_out, allow_unused=True)
         return [o.detach() for o in outs], grads
 
 
-def _parity(candidate: tuple[list[Tensor], tuple[Tensor | None, ...]],
-            reference: tuple[list[Tensor], tuple[Tensor | None, ...]], dtype: torch.dtype) -> Mismatch | None:
+def _parity(
+    candidate: tuple[list[Tensor], tuple[Tensor | None, ...]],
+    reference: tuple[list[Tensor], tuple[Tensor | None, ...]],
+    dtype: torch.dtype,
+) -> Mismatch | None:
     tol = tolerance(dtype, MODEL_TOLERANCE)
     for i, (a, e) in enumerate(zip(candidate[0], reference[0], strict=True)):
         if (m := compare(a, e, tol, f"output {i}")) is not None:
@@ -234,8 +252,30 @@ def _within(fn: Callable[[], Any], timeout: float) -> tuple[str, Any]:
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
+        _BACKGROUND.append(worker)
         return "timeout", None
     return ("ok", box["ok"]) if "ok" in box else ("error", box["error"])
+
+
+# Compiles that overran their bound and still run; timing code waits for them (see below).
+_BACKGROUND: list[threading.Thread] = []
+
+
+def wait_for_background_compiles(timeout: float = 120.0) -> float:
+    """Wait (at most `timeout` seconds) for abandoned compile candidates to finish, so they do not
+    compete with later timing on the same cores; returns the seconds waited."""
+    started = time.monotonic()
+    while _BACKGROUND:
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            break
+        _BACKGROUND[0].join(left)
+        if not _BACKGROUND[0].is_alive():
+            _BACKGROUND.pop(0)
+    waited = time.monotonic() - started
+    if waited > 0.01:
+        log.info("waited %.1fs for abandoned torch.compile candidates to finish", waited)
+    return waited
 
 
 class _Cache:
@@ -255,7 +295,9 @@ class _Cache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1, sort_keys=True))
+        tmp.write_text(
+            json.dumps({"version": CACHE_VERSION, "entries": self.entries}, indent=1, sort_keys=True)
+        )
         tmp.replace(self.path)  # atomic: a concurrent reader sees the old file or the new one
 
 
@@ -313,8 +355,9 @@ def select_kernels(
     pending: list[tuple[str, str, Selection, _Sample, tuple[list[Tensor], tuple[Tensor | None, ...]]]] = []
     results: dict[str, Selection] = {}
     for op, sample in samples.items():
-        key = json.dumps([device_name, op, sample.signature, str(autocast_dtype), torch.__version__,
-                          triton.__version__])
+        key = json.dumps(
+            [device_name, op, sample.signature, str(autocast_dtype), torch.__version__, triton.__version__]
+        )
         if not refresh and key in cache.entries:
             results[op] = Selection(**{**cache.entries[key], "cached": True})
             continue
@@ -328,8 +371,17 @@ def select_kernels(
                 f"not a candidate on {device.type}: Triton runs natively only on CUDA (its CPU interpreter is for tests)"
             )
         else:
-            _try(sel, "triton", _Step(sample.binding.triton_module(sample.module), sample, _params(sample), autocast),
-                 reference, autocast_dtype, device, warmup, repeats, None)
+            _try(
+                sel,
+                "triton",
+                _Step(sample.binding.triton_module(sample.module), sample, _params(sample), autocast),
+                reference,
+                autocast_dtype,
+                device,
+                warmup,
+                repeats,
+                None,
+            )
         pending.append((op, key, sel, sample, reference))
 
     compile_failed: str | None = None  # once compile has proved unusable, it is not tried again
@@ -338,12 +390,17 @@ def select_kernels(
             sel.skipped["compile"] = compile_failed
         else:
             fwd = compiled_forward(type(sample.module))
-            step = _Step(lambda *a, _f=fwd, _m=sample.module, **k: _f(_m, *a, **k), sample, _params(sample),
-                         autocast)
-            compile_failed = _try(sel, "compile", step, reference, autocast_dtype, device, warmup, repeats, timeout)
+            step = _Step(
+                lambda *a, _f=fwd, _m=sample.module, **k: _f(_m, *a, **k), sample, _params(sample), autocast
+            )
+            compile_failed = _try(
+                sel, "compile", step, reference, autocast_dtype, device, warmup, repeats, timeout
+            )
         sel.choice = min(sel.times, key=sel.times.__getitem__)
         cache.entries[key] = {k: v for k, v in sel.to_dict().items() if k != "cached"}
-        log.info("kernels: %s -> %s %s", sel.op, sel.choice, {k: f"{v * 1e3:.3f}ms" for k, v in sel.times.items()})
+        log.info(
+            "kernels: %s -> %s %s", sel.op, sel.choice, {k: f"{v * 1e3:.3f}ms" for k, v in sel.times.items()}
+        )
     cache.save()
     log.info("kernel selection took %.2fs", time.monotonic() - started)
     return results

@@ -47,7 +47,11 @@ def _ce_loss_grad(
         if HAS_GRAD:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                tl.store(z_row + cols, tl.zeros((BLOCK,), dtype=tl.float32).to(Z.dtype.element_ty), mask=cols < n_cols)
+                tl.store(
+                    z_row + cols,
+                    tl.zeros((BLOCK,), dtype=tl.float32).to(Z.dtype.element_ty),
+                    mask=cols < n_cols,
+                )
     else:
         z_y = tl.load(z_row + y).to(tl.float32)
         m = float("-inf")  # running max
@@ -98,7 +102,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dim = hidden.shape[-1]
         vocab = weight.shape[0]
         if weight.dim() != 2 or weight.shape[1] != dim:
-            raise ValueError(f"weight: expected (vocab, {dim}) to match hidden's last dimension, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight: expected (vocab, {dim}) to match hidden's last dimension, got {tuple(weight.shape)}"
+            )
         h = hidden.reshape(-1, dim)
         y = targets.reshape(-1)
         n_rows = h.shape[0]
@@ -114,7 +120,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         bad = valid & ((y < 0) | (y >= vocab))
         n_valid, n_bad = torch.stack((valid.sum(), bad.sum())).tolist()
         if n_bad:
-            raise ValueError(f"targets: {n_bad} target(s) outside [0, {vocab}) and not ignore_index={ignore_index}")
+            raise ValueError(
+                f"targets: {n_bad} target(s) outside [0, {vocab}) and not ignore_index={ignore_index}"
+            )
 
         cdt = _compute_dtype(h)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -134,8 +142,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 h_c = h[start:end].to(cdt)
                 z = h_c @ w.t()  # (rows, V), the chunk's logits; becomes their gradient in place
                 _ce_loss_grad[(end - start,)](
-                    z, z.stride(0), y[start:end], loss_rows[start:end], vocab, ignore_index, scale,
-                    HAS_GRAD=has_grad, BLOCK=block, num_warps=warps,
+                    z,
+                    z.stride(0),
+                    y[start:end],
+                    loss_rows[start:end],
+                    vocab,
+                    ignore_index,
+                    scale,
+                    HAS_GRAD=has_grad,
+                    BLOCK=block,
+                    num_warps=warps,
                 )
                 if grad_h is not None:
                     grad_h[start:end] = z @ w

@@ -24,10 +24,24 @@ from optrun.runtime.kernels.ops._settings import TILE_ELEMENTS, warps_for
 
 @kernel
 def _rope(
-    X, Y, COS, SIN,
-    x_sb, x_sh, x_st, y_sb, y_sh, y_st, cs_st,
-    n_rows, n_heads, seq_len, half,
-    SIGN: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    Y,
+    COS,
+    SIN,
+    x_sb,
+    x_sh,
+    x_st,
+    y_sb,
+    y_sh,
+    y_st,
+    cs_st,
+    n_rows,
+    n_heads,
+    seq_len,
+    half,
+    SIGN: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Rotate ROWS head vectors by SIGN * angle(t). Row r is (b, t, h) in row-major order over
     (B, T, H); the last dimension is contiguous."""
@@ -68,10 +82,25 @@ def _rotate_one(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     block_d = triton.next_power_of_2(half)
     rows = max(1, TILE_ELEMENTS // block_d)
     _rope[(triton.cdiv(n_rows, rows),)](
-        x, y, cos, sin,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), cos.stride(0),
-        n_rows, h, t, half,
-        SIGN=sign, ROWS=rows, BLOCK_D=block_d, num_warps=warps_for(rows * block_d),
+        x,
+        y,
+        cos,
+        sin,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        cos.stride(0),
+        n_rows,
+        h,
+        t,
+        half,
+        SIGN=sign,
+        ROWS=rows,
+        BLOCK_D=block_d,
+        num_warps=warps_for(rows * block_d),
     )
     return y
 
@@ -88,7 +117,9 @@ class RotaryFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, Tensor]:
         if q.dim() != 4 or k.dim() != 4:
-            raise ValueError(f"q, k: expected (B, H, T, D) tensors, got {tuple(q.shape)} and {tuple(k.shape)}")
+            raise ValueError(
+                f"q, k: expected (B, H, T, D) tensors, got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
         b, _, t, d = q.shape
         if d % 2:
             raise ValueError(f"q: the head dimension must be even for rotary embeddings, got {d}")

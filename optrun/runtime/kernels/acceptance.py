@@ -1,0 +1,141 @@
+"""Acceptance tests of the kernel optimizer (names `kernels.*`; they apply when
+spec.optimizations.kernels.enabled). The speedup range test is `speedup.kernels`, registered
+with the other speedup keys in optrun.runtime.speedup.
+
+- kernels.detection: selection ran and chose, per operation of the model, from measured times
+  (or, under a forced mode, recorded that it was forced).
+- kernels.parity: a fresh model patched with the run's choices computes the same logits, loss
+  and gradients as the unpatched one, within `parity.MODEL_TOLERANCE` for the run's precision.
+- kernels.training-loss: a short training run with the kernels ends at the same loss as the
+  same run without them (same seed, same batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optrun.api.result import Category, Expected
+from optrun.api.v1alpha1 import OptimizationRunSpec
+from optrun.runtime.acceptance import SUITE, Check
+from optrun.runtime.context import RunContext
+from optrun.runtime.kernels.parity import MODEL_TOLERANCE, compare, tolerance
+from optrun.runtime.metrics import Metrics
+
+# Relative difference allowed between the final training losses with and without kernels, per
+# compute dtype: fp32 runs agree to rounding amplified over a few steps; bf16 autocast runs
+# round every matmul to 8 bits, and the two paths round differently.
+TRAINING_LOSS_RTOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+TRAINING_STEPS = 20
+
+
+def kernels_enabled(spec: OptimizationRunSpec) -> bool:
+    return spec.optimizations.kernels.enabled
+
+
+def _autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+    if ctx.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=ctx.dtype)
+
+
+@SUITE.test("kernels.detection", Category.CRITICAL_INFRASTRUCTURE, critical=True, applies=kernels_enabled)
+def detection(ctx: RunContext) -> Check:
+    info = ctx.results.get("kernels")
+    if not info:
+        return Check(False, reason="kernel selection did not run (no results['kernels'])")
+    choices = info.get("choices", {})
+    if not choices:
+        return Check(
+            False, measured={}, reason="no operation of the model was recognised for kernel selection"
+        )
+    measured = {op: c["choice"] for op, c in choices.items()}
+    if info["mode"] == "auto":
+        unmeasured = [op for op, c in choices.items() if c["choice"] not in c.get("times", {})]
+        if unmeasured:
+            return Check(
+                False, measured=measured, reason=f"chosen without a measurement: {', '.join(unmeasured)}"
+            )
+        how = "measured on the device"
+    else:
+        how = f"forced by mode={info['mode']}"
+    return Check(True, measured=measured, reason=f"{len(choices)} operations on {info['device']}, {how}")
+
+
+@SUITE.test("kernels.parity", Category.END_TO_END, critical=True, applies=kernels_enabled)
+def parity(ctx: RunContext) -> Check:
+    transform = ctx.transforms.get("kernels")
+    if transform is None:
+        return Check(False, reason="no kernels transform registered (the kernel stage did not finish)")
+    w = ctx.spec.workload
+    gen = torch.Generator().manual_seed(ctx.spec.training.seed + 1)
+    x, y = ctx.corpus.batch("val", w.sequence_length, min(w.batch_size, 4), gen)
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    dtype = ctx.dtype
+    tol = tolerance(dtype, MODEL_TOLERANCE)
+    outputs = []
+    for patched in (False, True):
+        model = ctx.model_factory()
+        if patched:
+            model = transform(model)
+        with _autocast(ctx):
+            logits = model(x)
+            loss = model.loss(x, y)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs.append((logits.detach(), loss.detach(), grads))
+    (l0, s0, g0), (l1, s1, g1) = outputs
+    mismatch = compare(l1, l0, tol, "logits") or compare(s1, s0, tol, "loss")
+    if mismatch is None and set(g0) != set(g1):
+        return Check(False, reason=f"gradients for different parameters: {sorted(set(g0) ^ set(g1))}")
+    for name in g0:
+        mismatch = mismatch or compare(g1[name], g0[name], tol, f"grad {name}")
+    worst = max(
+        float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+        for a, b in [(l1, l0), *((g1[n], g0[n]) for n in g0)]
+    )
+    expected = Expected(max=tol.rtol)
+    if mismatch is not None:
+        return Check(False, measured=round(worst, 8), expected=expected, reason=str(mismatch))
+    return Check(
+        True,
+        measured=round(worst, 8),
+        expected=expected,
+        reason=f"logits, loss and {len(g0)} gradients within {str(dtype).removeprefix('torch.')} tolerance "
+        f"(rtol {tol.rtol:g}, atol {tol.atol:g} of scale); worst relative difference {worst:.2e}",
+    )
+
+
+def _short_run(ctx: RunContext, patched: bool) -> float:
+    from optrun.runtime.checks import scratch_spec
+    from optrun.runtime.training.checkpoint import CheckpointStore
+    from optrun.runtime.training.loop import Trainer
+
+    spec = scratch_spec(ctx.spec, steps=TRAINING_STEPS)
+    model = ctx.model_factory()
+    if patched:
+        model = ctx.transforms["kernels"](model)
+    with tempfile.TemporaryDirectory(prefix="optrun-kernels-") as tmp:
+        trainer = Trainer(spec, model, ctx.corpus, ctx.device, CheckpointStore(Path(tmp), keep=2), Metrics())
+        trainer.fit()
+    return float(trainer.losses[-1][1])
+
+
+@SUITE.test("kernels.training-loss", Category.END_TO_END, applies=kernels_enabled)
+def training_loss(ctx: RunContext) -> Check:
+    if "kernels" not in ctx.transforms:
+        return Check(False, reason="no kernels transform registered (the kernel stage did not finish)")
+    base, fused = _short_run(ctx, False), _short_run(ctx, True)
+    rtol = TRAINING_LOSS_RTOL[ctx.dtype]
+    rel = abs(fused - base) / max(abs(base), 1e-12)
+    return Check(
+        rel <= rtol,
+        measured=round(rel, 8),
+        expected=Expected(max=rtol),
+        reason=f"loss after {TRAINING_STEPS} steps: {fused:.6f} with kernels, {base:.6f} without "
+        f"(relative difference {rel:.2e}, allowed {rtol:g})",
+    )
