@@ -12,8 +12,9 @@ measured is recorded with why:
   tool (the kernels' CPU tests use it) that is orders of magnitude slower than eager;
 - torch.compile must compile within `compile_timeout_s` (by default 2 s on a CPU, where
   Inductor's C++ toolchain takes several seconds even warm, and the quickstart's whole budget
-  is minutes; 300 s on a GPU). A compile that overruns is abandoned (it finishes in a
-  background thread) and compile is not tried again in this selection.
+  is minutes; 300 s on a GPU; 0 leaves compile out). A compile that overruns is abandoned (it
+  finishes in a background thread, which later timing waits for) and compile is not tried
+  again in this selection.
 
 Results are cached in a JSON file per (device name, operation, input signature, autocast dtype,
 torch and triton versions), under `$OPTRUN_CACHE/kernels/` or `~/.cache/optrun/kernels/`, so a
@@ -386,7 +387,9 @@ def select_kernels(
 
     compile_failed: str | None = None  # once compile has proved unusable, it is not tried again
     for _op, key, sel, sample, reference in pending:
-        if compile_failed is not None:
+        if timeout <= 0:
+            sel.skipped["compile"] = "not tried: compile_timeout_s is 0"
+        elif compile_failed is not None:
             sel.skipped["compile"] = compile_failed
         else:
             fwd = compiled_forward(type(sample.module))

@@ -9,14 +9,19 @@ tensors get the interpreter, which is allowed only when `TRITON_INTERPRET=1` say
 asked for it (tests, debugging): on a CPU the interpreter is a correctness tool, never a
 speed candidate.
 
-Kernels launched this way must not call other `@triton.jit` functions: the interpreter and
-the compiler resolve such calls differently, so each kernel here is self-contained.
+Triton's own library functions (`tl.sum`, `tl.sigmoid`, ...) are `@triton.jit` functions too,
+built in one mode when triton is imported. An interpreted launch therefore runs with
+`JITFunction.__call__` routed to the interpreter for its duration (under a lock: the
+interpreter patches `triton.language` globally while it runs, and is not thread-safe anyway).
+The compiler never goes through `__call__`, so native launches are unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +59,11 @@ class Kernel:
         self, grid: Sequence[int] | Callable[[dict[str, Any]], Sequence[int]]
     ) -> Callable[..., Any]:
         def launch(*args: Any, **kwargs: Any) -> Any:
-            return self._for(_device_of(args))[grid](*args, **kwargs)
+            fn = self._for(_device_of(args))
+            if isinstance(fn, JITFunction):
+                return fn[grid](*args, **kwargs)
+            with _interpreting():
+                return fn[grid](*args, **kwargs)
 
         return launch
 
@@ -71,6 +80,29 @@ class Kernel:
             f"Triton kernel {self.fn.__name__} needs a CUDA device, got {device.type}; set TRITON_INTERPRET=1 to "
             "run it in Triton's interpreter on a CPU (correctness tests only, far slower than eager)"
         )
+
+
+_INTERPRETER_LOCK = threading.RLock()
+_INTERPRETED_LIBRARY: dict[Callable[..., Any], InterpretedFunction[Any]] = {}
+
+
+@contextlib.contextmanager
+def _interpreting() -> Iterator[None]:
+    """Route calls of compiled-mode `@triton.jit` library functions to the interpreter."""
+    with _INTERPRETER_LOCK:
+        original = JITFunction.__call__
+
+        def call(self: JITFunction[Any], *args: Any, **kwargs: Any) -> Any:
+            fn = _INTERPRETED_LIBRARY.get(self.fn)
+            if fn is None:
+                fn = _INTERPRETED_LIBRARY[self.fn] = InterpretedFunction(self.fn)
+            return fn(*args, **kwargs)
+
+        JITFunction.__call__ = call  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original  # type: ignore[method-assign]
 
 
 def kernel(fn: Callable[..., None]) -> Kernel:
