@@ -38,8 +38,9 @@ def on_gradients(spec: OptimizationRunSpec) -> bool:
 
 def nominal_ratio(codec: Codec, element_bits: int) -> float:
     """Bytes ratio a codec reaches on large tensors, scales aside (what the floor is taken from)."""
-    if codec.bits is not None:
-        return element_bits / codec.bits
+    bits = codec.bits_per_element()
+    if bits is not None:
+        return element_bits / bits
     topk = getattr(codec, "topk_ratio", None)
     if topk is not None:  # each kept element costs its value and a 32-bit index
         return element_bits / (topk * (element_bits + 32))

@@ -95,8 +95,12 @@ class Payload:
         """Inverse of `to_bytes` given the sender's `layout`."""
         tensors, offset = {}, 0
         for name, tdtype, tshape in layout:
-            n = math.prod(tshape) * torch.empty((), dtype=tdtype).element_size()
-            tensors[name] = buf[offset : offset + n].view(tdtype).reshape(tshape)
+            size = torch.empty((), dtype=tdtype).element_size()
+            n = math.prod(tshape) * size
+            chunk = buf[offset : offset + n]
+            if (chunk.storage_offset() * buf.element_size()) % size:
+                chunk = chunk.clone()  # a view must start on the element size; a copy does
+            tensors[name] = chunk.view(tdtype).reshape(tshape)
             offset += n
         if offset != buf.numel():
             raise ValueError(f"buf: {buf.numel()} bytes do not match the layout's {offset} bytes")
@@ -130,9 +134,10 @@ def as_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _finite(x: Tensor) -> Tensor:
-    # q * s may round one ulp past the largest finite value for inputs near it.
-    big = torch.finfo(x.dtype).max
+def _finite(x: Tensor, dtype: torch.dtype) -> Tensor:
+    # q * s may round one ulp past the largest finite value of the output dtype (an input near
+    # fp16's 65504 can come back as 65536, which fp16 turns into inf).
+    big = torch.finfo(dtype).max
     return x.clamp(-big, big)
 
 
@@ -151,6 +156,10 @@ class Codec(ABC):
     # Payload bits per element, ignoring scales; None where it depends on the tensor.
     bits: ClassVar[int | None] = None
 
+    def bits_per_element(self) -> float | None:
+        """Payload bits per element on large tensors, per-group scales included (None: depends on shape)."""
+        return self.bits
+
     def encode(self, t: Tensor) -> Payload:
         check_tensor(t)
         if t.numel() == 0:
@@ -164,7 +173,7 @@ class Codec(ABC):
         if math.prod(p.shape) == 0:
             return torch.empty(p.shape, dtype=p.dtype)
         with torch.no_grad():
-            return _finite(self._decode(p)).to(p.dtype).reshape(p.shape)
+            return _finite(self._decode(p), p.dtype).to(p.dtype).reshape(p.shape)
 
     def roundtrip(self, t: Tensor) -> tuple[Tensor, Payload]:
         """decode(encode(t)) and the payload."""
@@ -208,6 +217,9 @@ class Int8BlockCodec(Codec):
         if group_size < 1:
             raise ValueError(f"group_size: must be >= 1, got {group_size}")
         self.group_size = group_size
+
+    def bits_per_element(self) -> float:
+        return self.bits + 32 / self.group_size  # one fp32 scale per group
 
     def describe(self) -> dict[str, object]:
         return {"codec": self.name, "groupSize": self.group_size}
@@ -274,6 +286,9 @@ class Int4Codec(Codec):
                 f"group_size: int4 needs an even group size >= 2 (two values per byte), got {group_size}"
             )
         self.group_size = group_size
+
+    def bits_per_element(self) -> float:
+        return self.bits + 32 / self.group_size  # one fp32 scale per group
 
     def describe(self) -> dict[str, object]:
         return {"codec": self.name, "groupSize": self.group_size}
