@@ -89,7 +89,7 @@ def test_unknown_codec_names_the_allowed_ones():
 @given(x=finite_tensors())
 def test_decode_restores_shape_and_dtype_and_stays_finite_for_any_finite_input(name, x):
     c = codec(name)
-    y, p = c.roundtrip(x)
+    y, _ = c.roundtrip(x)
     assert y.shape == x.shape
     assert y.dtype == x.dtype
     assert bool(torch.isfinite(y).all()), f"{name} produced non-finite values from finite input"

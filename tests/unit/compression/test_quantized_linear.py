@@ -145,7 +145,7 @@ def test_triton_kernels_refuse_a_cpu_tensor_without_the_interpreter(monkeypatch)
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p = get_codec("int8").encode(torch.randn(16, 16))
-    with pytest.raises(RuntimeError, match="needs a CUDA device.*TRITON_INTERPRET=1"):
+    with pytest.raises(RuntimeError, match=r"needs a CUDA device.*TRITON_INTERPRET=1"):
         dequant_kernels.int8_matmul(torch.randn(2, 16), p.tensors["q"], p.tensors["scale"])
 
 
