@@ -605,12 +605,15 @@ class Cluster:
         nodes: Sequence[Any] | None = None,
         *,
         extra_env: Mapping[str, str] | None = None,
+        image_entrypoints: Mapping[str, Sequence[str]] | None = None,
         timeout: float = 60,
     ) -> None:
         """Run the node agent (tests/support/nodeagent.py) for `nodes` (NodeSpec list; default
         nodeagent.DEFAULT_NODES) and wait until every node is Ready and schedulable.
 
         `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say).
+        `image_entrypoints` stands in for image ENTRYPOINTs: image repository -> argv, used for
+        containers without a `command` (nodeagent.AgentConfig.image_entrypoints).
         """
         from tests.support import nodeagent
 
@@ -628,6 +631,7 @@ class Cluster:
             tls_key=str(self.pki / "apiserver.key"),
             nodes=[dataclasses.asdict(n) for n in nodes],
             extra_env=dict(extra_env or {}),
+            image_entrypoints={k: list(v) for k, v in (image_entrypoints or {}).items()},
         )
         config_path = self.workdir / "node-agent.json"
         config_path.write_text(json.dumps(dataclasses.asdict(config), indent=2))

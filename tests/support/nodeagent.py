@@ -49,8 +49,9 @@ Limits (what a real kubelet does that this one does not)
     network, PIDs, users and filesystem. A process that binds 0.0.0.0 shares the port space
     with every other pod; bind the pod IP (status.podIP) instead. Resource requests and limits
     are bookkeeping for the scheduler only; nothing is enforced, OOMKilled never happens.
-  - An empty `command` runs `args` as the whole command line (there is no image entrypoint);
-    both empty is a StartError.
+  - Images are never pulled or run. An empty `command` takes the image's entrypoint from
+    `AgentConfig.image_entrypoints` (image repository, tag stripped -> argv), else runs `args`
+    as the whole command line; both empty is a StartError.
   - Mount points that do not exist on the host (directories, and the file at
     terminationMessagePath, /dev/termination-log by default) are created on the host, empty,
     before the bind mount hides them; the mounts themselves are private to the process.
@@ -157,6 +158,10 @@ class AgentConfig:
     tls_key: str
     nodes: list[dict[str, Any]]
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)  # added to every container
+    # Stand-ins for image ENTRYPOINTs, e.g. {"ghcr.io/x/optrun-operator": ["optrun", "operator"]}:
+    # used when a container has no `command`. Keys match the image without tag or digest, or
+    # its last path component.
+    image_entrypoints: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def node_is_schedulable(node: JSON | None) -> bool:
@@ -340,7 +345,8 @@ class ContainerRun:
             self.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
             self.next_start = time.monotonic() + 1
             return
-        command = [expand(a, env) for a in self.spec.get("command") or []]
+        entrypoint = self.spec.get("command") or worker.agent.entrypoint_for(self.spec.get("image", ""))
+        command = [expand(a, env) for a in entrypoint]
         args = [expand(a, env) for a in self.spec.get("args") or []]
         argv = command + args
         executable = shutil.which(argv[0], path=env.get("PATH")) if argv else None
@@ -1098,6 +1104,14 @@ class NodeAgent:
         self.kubelet_port = 0
         self._threads: list[threading.Thread] = []
         self._started_at = now()
+
+    def entrypoint_for(self, image: str) -> list[str]:
+        """The stand-in ENTRYPOINT for `image` (AgentConfig.image_entrypoints), or none."""
+        repository = image.split("@", 1)[0]
+        head, _, last = repository.rpartition("/")
+        repository = (head + "/" if head else "") + last.split(":", 1)[0]
+        table = self.config.image_entrypoints
+        return list(table.get(repository) or table.get(repository.rpartition("/")[2]) or [])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
