@@ -1,0 +1,1 @@
+"""Test support: the real control plane (cluster), the node agent, assets, bounded polling."""
