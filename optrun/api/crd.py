@@ -67,15 +67,14 @@ def _structural(node: Any, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         nullable = len(options) < len(node["anyOf"])
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         if len(options) == 1:
-            out = _structural({**options[0], **rest}, defs, models)
+            merged_out: Schema = _structural({**options[0], **rest}, defs, models)
         else:  # a genuinely mixed-type value (e.g. a measured scalar): free-form
-            out = {
-                k: v for k, v in _structural(rest, defs, models).items() if k in {"description", "default"}
-            }
-            out["x-kubernetes-preserve-unknown-fields"] = True
+            kept = _structural(rest, defs, models).items()
+            merged_out = {k: v for k, v in kept if k in {"description", "default"}}
+            merged_out["x-kubernetes-preserve-unknown-fields"] = True
         if nullable:
-            out["nullable"] = True
-        return out
+            merged_out["nullable"] = True
+        return merged_out
     out: Schema = {}
     for key, value in node.items():
         if key == "title":
