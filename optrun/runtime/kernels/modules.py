@@ -19,26 +19,28 @@ from optrun.runtime.kernels.ops.swiglu import swiglu
 
 
 class TritonRMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight with the Triton kernel; same `weight` as RMSNorm."""
+    """y = x / sqrt(mean(x^2) + eps) * weight with the Triton kernel. The weight keeps the name
+    of the module it replaces (`weight` in RMSNorm and Hugging Face's norms)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, weight_name: str = "weight") -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self._weight_name = weight_name
+        self.register_parameter(weight_name, nn.Parameter(torch.ones(dim)))
 
     @classmethod
     def from_module(cls, module: nn.Module, *, weight: str = "weight", eps: str = "eps") -> TritonRMSNorm:
         """Wrap `module`'s weight (shared, not copied); `weight` and `eps` name its attributes."""
         w = getattr(module, weight)
-        new = cls(w.shape[0], float(getattr(module, eps)))
-        new.weight = w
+        new = cls(w.shape[0], float(getattr(module, eps)), weight)
+        setattr(new, weight, w)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, getattr(self, self._weight_name), self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{getattr(self, self._weight_name).shape[0]}, eps={self.eps}"
 
 
 class TritonSwiGLU(nn.Module):

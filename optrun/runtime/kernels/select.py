@@ -244,16 +244,21 @@ def _within(fn: Callable[[], Any], timeout: float) -> tuple[str, Any]:
     box: dict[str, Any] = {}
 
     def work() -> None:
+        started = time.monotonic()
         try:
             box["ok"] = fn()
         except Exception as exc:  # reported as the candidate's skip reason
             box["error"] = exc
+        box["seconds"] = time.monotonic() - started
 
     worker = threading.Thread(target=work, name="optrun-compile", daemon=False)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
         _BACKGROUND.append(worker)
+        return "timeout", None
+    # join() can return late (the GIL): the call's own duration decides whether it was in time.
+    if box["seconds"] > timeout:
         return "timeout", None
     return ("ok", box["ok"]) if "ok" in box else ("error", box["error"])
 
