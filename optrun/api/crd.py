@@ -87,6 +87,9 @@ def _structural(node: Any, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         if key == "exclusiveMaximum":
             out["maximum"], out["exclusiveMaximum"] = value, True
             continue
+        if key == "const":  # a one-value Literal; Kubernetes schemas know no `const`, only `enum`
+            out["enum"] = [value]
+            continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs, models) for name, sub in value.items()}
             continue

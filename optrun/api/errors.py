@@ -47,7 +47,8 @@ def _describe(err: Any, model: type[BaseModel], loc: list[str]) -> str:
     if kind == "literal_error":
         return f"{shown} is not allowed; allowed: {_literal_values(ctx.get('expected', ''))}"
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
-        return f"{shown} is out of range; allowed: {_bounds(field) or err['msg']}"
+        # A list item's bound sits on the item type, not on the field: then the error's own bound says it.
+        return f"{shown} is out of range; allowed: {_bounds(field) or _violated_bound(kind, ctx)}"
     if kind in {"too_short", "too_long"}:
         return f"{err['msg'].lower()}; given {shown}"
     if kind == "string_pattern_mismatch":
@@ -80,6 +81,19 @@ def _bounds(field: FieldInfo | None) -> str:
             if isinstance(m, getattr(annotated_types, attr.capitalize())):
                 parts.append(f"{sym} {getattr(m, attr)}")
     return " and ".join(parts)
+
+
+_BOUND_SYMBOLS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _violated_bound(kind: str, ctx: dict[str, Any]) -> str:
+    key, sym = _BOUND_SYMBOLS[kind]
+    return f"{sym} {ctx.get(key)}"
 
 
 def _type_name(kind: str, field: FieldInfo | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -81,6 +82,6 @@ class CheckpointStore:
         for path in reversed(self.paths()):
             try:
                 return path, torch.load(path, map_location="cpu", weights_only=False)
-            except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", path, exc)
         return None
