@@ -33,7 +33,7 @@ from optrun.api.v1alpha1 import OptimizationRunSpec
 from optrun.runtime.data import Corpus
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.training.checkpoint import CheckpointStore, rng_state, set_rng_state
-from optrun.runtime.training.faults import FaultInjector
+from optrun.runtime.training.faults import FaultInjector, InjectedFault
 from optrun.runtime.training.gates import (
     SafetyGateFailed,
     Trip,
@@ -245,6 +245,9 @@ class Trainer:
                 self.faults.before_step(step)
                 trip, loss = self._forward_backward(x.to(self.device), y.to(self.device), step)
                 break
+            except InjectedFault:
+                self._remember_fired_faults()
+                raise
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -312,6 +315,19 @@ class Trainer:
             self.evaluate()
         if self.step % self.spec.training.checkpoint.every_steps == 0:
             self.checkpoint()
+
+    def _remember_fired_faults(self) -> None:
+        """Before a crash: record the one-shot faults that fired in the newest checkpoint.
+
+        That checkpoint predates the fault, so without this the attempt that resumes from it
+        would replay the step and fire the same fault again, every attempt. Only the record of
+        fired faults changes; the training state in the checkpoint stays as it was."""
+        found = self.store.latest()
+        if found is None:
+            return
+        _path, state = found
+        state["faults_fired"] = self.faults.state()
+        self.store.save(state["position"]["step"], state)
 
     # -- gates and recovery ---------------------------------------------------------------
 
