@@ -482,6 +482,9 @@ class OptimizationRunStatus(Status):
     progress: Progress | None = Field(None, description="Live progress of the current attempt.")
     speedups: dict[str, float] = Field(default_factory=dict, description="Median speedup per optimization.")
     attempts: int = Field(0, description="Runtime pods started for this run.")
+    failed_attempts: int = Field(
+        0, description="Attempts that ended in failure, counted against spec.backoffLimit (suspension is not one)."
+    )
     pod_name: str | None = Field(None, description="Current or last runtime pod.")
     start_time: str | None = Field(None, description="When the first attempt started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run reached a terminal phase (RFC 3339).")

@@ -1,0 +1,289 @@
+"""The children of an OptimizationRun, as pure functions: the same run in, the same manifests out.
+
+A run owns one ConfigMap (`<run>-spec`: the whole run as the runtime reads it) and one Pod per
+attempt (`<run>-attempt-<n>`). The names are deterministic, so an operator that restarts between
+creating a pod and recording it finds that pod (create answers 409) instead of making a second
+one for the same attempt. Both children carry an owner reference to the run with `controller`
+and `blockOwnerDeletion`, so deleting the run deletes them (the garbage collector does it, not
+the operator).
+
+The ConfigMap is written at the first attempt and never updated (it is `immutable`): every
+attempt of a run, resumed from a checkpoint, trains under the spec that made that checkpoint.
+The pod shape (image, resources, scheduling) is built from the current spec at each attempt, so
+raising `resources.memory` after an OOMKilled attempt helps the next one.
+
+Nothing here talks to the API server; `optrun.operator.reconcile` decides what to create.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from optrun.api import v1alpha1 as api
+from optrun.api.errors import ManifestError
+from optrun.operator.config import OperatorConfig
+
+# Labels: the app.kubernetes.io set for people and dashboards, optrun.io/* for the operator's
+# own selectors (it watches pods by run-uid: a run deleted and re-created under the same name
+# must not adopt the old run's pods).
+LABEL_RUN = "optrun.io/run"
+LABEL_RUN_UID = "optrun.io/run-uid"
+LABEL_ATTEMPT = "optrun.io/attempt"
+MANAGED_BY = "optrun-operator"
+
+CONTAINER = "runtime"
+METRICS_PORT_NAME = "metrics"
+SPEC_DIR = "/etc/optrun"
+SPEC_FILE = "run.yaml"
+OUTPUT_DIR = "/var/lib/optrun"  # the checkpoint volume: checkpoints/ and the report
+SCRATCH_DIR = "/scratch"  # writable scratch under a read-only root filesystem
+TERMINATION_LOG = "/dev/termination-log"
+# The runtime image's non-root user (distroless "nonroot"); fsGroup makes the volumes writable to it.
+RUNTIME_UID = 65532
+# Seconds of the pod's grace period kept back from the runtime's own checkpoint deadline, so
+# it exits by itself before the kubelet's SIGKILL.
+GRACE_MARGIN_SECONDS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """An OptimizationRun as the builders need it: identity and the validated spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: api.OptimizationRunSpec
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Run:
+        """Validate a run object as the API server returned it; ManifestError names each bad field."""
+        meta = body.get("metadata") or {}
+        spec = api.parse_manifest(dict(body))
+        if not meta.get("uid") or not meta.get("namespace"):
+            raise ManifestError(["metadata: uid and namespace are required (not a stored object)"])
+        return cls(name=str(meta["name"]), namespace=str(meta["namespace"]), uid=str(meta["uid"]), spec=spec)
+
+
+def configmap_name(run_name: str) -> str:
+    return f"{run_name}-spec"
+
+
+def pod_name(run_name: str, attempt: int) -> str:
+    return f"{run_name}-attempt-{attempt}"
+
+
+def attempt_of(pod: Mapping[str, Any]) -> int | None:
+    """The attempt number a pod was created for (its label), or None for a pod that is not ours."""
+    raw = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def owner_reference(run: Run) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": run.name,
+        "uid": run.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(run: Run) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "optrun",
+        "app.kubernetes.io/component": "runtime",
+        "app.kubernetes.io/instance": run.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_RUN: run.name,
+        LABEL_RUN_UID: run.uid,
+    }
+
+
+def spec_document(run: Run) -> dict[str, Any]:
+    """The run as the runtime reads it: apiVersion, kind, metadata (name, namespace) and the spec,
+    with every default filled in, so the file says exactly what the attempt runs."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": run.name, "namespace": run.namespace},
+        "spec": run.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+
+
+def configmap(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
+    """`<run>-spec`: the run's spec file, immutable (see the module docstring)."""
+    del cfg  # the ConfigMap depends on the run alone; the parameter keeps the builders uniform
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(run.name),
+            "namespace": run.namespace,
+            "labels": labels(run),
+            "ownerReferences": [owner_reference(run)],
+        },
+        "immutable": True,
+        "data": {SPEC_FILE: yaml.safe_dump(spec_document(run), sort_keys=False)},
+    }
+
+
+def _checkpoint_volume(run: Run) -> dict[str, Any]:
+    # With a claim, checkpoints outlive the pod and a new attempt resumes from them. Without one,
+    # the operator creates no storage the user did not ask for (size, class and lifetime are the
+    # user's decisions): an emptyDir, so a new attempt starts from step 0.
+    claim = run.spec.training.checkpoint.claim_name
+    if claim:
+        return {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": "checkpoints", "emptyDir": {}}
+
+
+def _tolerations(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    own = [t.model_dump(by_alias=True, exclude_none=True) for t in run.spec.scheduling.tolerations]
+    merged: list[dict[str, Any]] = []
+    for toleration in [*cfg.default_tolerations, *own]:
+        if toleration not in merged:
+            merged.append(dict(toleration))
+    return merged
+
+
+def _resources(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
+    r = run.spec.resources
+    amounts: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
+    if r.gpus:
+        amounts[cfg.gpu_resource] = str(r.gpus)
+    # Requests equal to limits: the Guaranteed QoS class, so the kubelet evicts this pod last.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _env(run: Run, attempt: int, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    def field(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    env = [
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        field("POD_UID", "metadata.uid"),
+        field("POD_IP", "status.podIP"),
+        field("NODE_NAME", "spec.nodeName"),
+        {"name": "OPTRUN_RUN_NAME", "value": run.name},
+        {"name": "OPTRUN_ATTEMPT", "value": str(attempt)},
+        # The runtime checkpoints on SIGTERM and must be done before the kubelet's SIGKILL.
+        {
+            "name": "OPTRUN_TERM_GRACE",
+            "value": str(max(1, cfg.termination_grace_seconds - GRACE_MARGIN_SECONDS)),
+        },
+        # The root filesystem is read-only: every cache and temporary file goes to the scratch volume.
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/.cache"},
+        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/.config/matplotlib"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH_DIR}/.triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{SCRATCH_DIR}/.inductor"},
+    ]
+    if run.spec.resources.gpus == 0:
+        env.append({"name": "OPTRUN_DEVICE", "value": "cpu"})  # no GPU asked for: do not probe one
+    return env
+
+
+def pod(
+    run: Run, attempt: int, cfg: OperatorConfig, *, active_deadline_seconds: int | None = None
+) -> dict[str, Any]:
+    """The runtime pod of one attempt.
+
+    `active_deadline_seconds`: what is left of the run's spec.activeDeadlineSeconds; the kubelet
+    enforces it even while the operator is down."""
+    if attempt < 1:
+        raise ValueError(f"attempt: {attempt} is out of range; allowed: >= 1")
+    spec = run.spec
+    port = cfg.runtime_metrics_port
+    node_selector = dict(spec.scheduling.node_selector)
+    if spec.resources.gpu_product:
+        node_selector[cfg.gpu_product_label] = spec.resources.gpu_product
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or cfg.runtime_image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": [
+            "optrun",
+            "runtime",
+            "--spec",
+            f"{SPEC_DIR}/{SPEC_FILE}",
+            "--output",
+            OUTPUT_DIR,
+            "--metrics-port",
+            str(port),
+            "--termination-log",
+            TERMINATION_LOG,
+        ],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "env": _env(run, attempt, cfg),
+        "resources": _resources(run, cfg),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "checkpoints", "mountPath": OUTPUT_DIR},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        # The result contract is the termination message; a crash leaves the log's tail instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        # The operator retries, as a new attempt with a new pod: a kubelet restart in place would
+        # hide the failure from the attempt count and from backoffLimit.
+        "restartPolicy": "Never",
+        # The runtime never talks to the API server: no token in the pod.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": cfg.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": configmap_name(run.name)}},
+            _checkpoint_volume(run),
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    }
+    tolerations = _tolerations(run, cfg)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    if active_deadline_seconds is not None:
+        pod_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(run.name, attempt),
+            "namespace": run.namespace,
+            "labels": {**labels(run), LABEL_ATTEMPT: str(attempt)},
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": pod_spec,
+    }

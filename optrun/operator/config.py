@@ -1,0 +1,177 @@
+"""The operator's configuration: one pydantic model, filled once at start-up.
+
+Every field can be set on the command line (`--runtime-image IMAGE`) or in the environment
+(`OPTRUN_OPERATOR_RUNTIME_IMAGE=IMAGE`); the flag wins. Both are derived from the model's
+fields, so there is no hand-written parsing per variable: a new field is a new option
+everywhere, with its description as the help text. Lists and mappings are given as JSON.
+The model is validated once, at the edge; the rest of the operator receives it as an argument
+(never a module-level singleton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from optrun import __version__
+from optrun.api.errors import ManifestError, manifest_errors
+
+ENV_PREFIX = "OPTRUN_OPERATOR_"
+
+
+class OperatorConfig(BaseModel):
+    """What the operator needs to know that is not in an OptimizationRun."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch (JSON list); empty: every namespace (needs a ClusterRole).",
+    )
+    runtime_image: str = Field(
+        f"ghcr.io/optrun/optrun-runtime:{__version__}",
+        min_length=1,
+        description="Runtime image for runs whose spec.image is unset.",
+    )
+    image_pull_policy: str = Field(
+        "IfNotPresent", pattern="^(Always|IfNotPresent|Never)$", description="Runtime pods' imagePullPolicy."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+    gpu_product_label: str = Field(
+        "nvidia.com/gpu.product",
+        description="Node label holding the GPU product (GPU feature discovery); spec.resources.gpuProduct selects on it.",
+    )
+    default_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="Tolerations every runtime pod gets (JSON list), before the run's own.",
+    )
+    runtime_metrics_port: int = Field(
+        9090,
+        ge=1,
+        le=65535,
+        description="Port the runtime serves /metrics on (the pod's named port 'metrics').",
+    )
+    scrape_interval_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds between two looks at a live run: metrics scrape, live gates, deadlines, TTL.",
+    )
+    scrape_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0, description="Timeout of one metrics scrape.")
+    live_gate_grace_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "After the recovery budget is seen spent, seconds the runtime gets to stop training by itself "
+            "(it writes a judged result) before the operator ends the attempt."
+        ),
+    )
+    termination_grace_seconds: int = Field(
+        60, ge=1, le=3600, description="Runtime pods' terminationGracePeriodSeconds (checkpoint on SIGTERM)."
+    )
+    metrics_port: int = Field(
+        8000, ge=0, le=65535, description="Port of the operator's own /metrics; 0: off."
+    )
+    health_port: int = Field(
+        8080, ge=0, le=65535, description="Port of the liveness endpoint /healthz; 0: off."
+    )
+    peering_name: str = Field(
+        "optrun", min_length=1, description="KopfPeering object shared by the replicas."
+    )
+    peering_mode: str = Field(
+        "auto",
+        pattern="^(auto|mandatory|standalone)$",
+        description="auto: peer if the peering object exists; mandatory: fail without it; standalone: never peer.",
+    )
+    peering_lifetime_seconds: int = Field(
+        15,
+        ge=5,
+        le=600,
+        description="How long a replica's keep-alive counts; a killed active replica is replaced after at most this.",
+    )
+    priority: int | None = Field(
+        None,
+        description=(
+            "Peering priority; default: minus the start time in microseconds, so the longest-running replica "
+            "stays active and a restarted one waits."
+        ),
+    )
+    workers: int = Field(
+        16, ge=1, le=512, description="Threads running handlers (each holds at most one API call at a time)."
+    )
+    api_timeout_seconds: float = Field(
+        30.0, gt=0.0, le=600.0, description="Timeout of one API request made by the operator."
+    )
+
+    @field_validator("namespaces")
+    @classmethod
+    def _dns_labels(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not n or len(n) > 63]
+        if bad:
+            raise ValueError(f"not namespace names: {bad}")
+        return v
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parser() -> argparse.ArgumentParser:
+    """`optrun operator` options, one per OperatorConfig field, with the field's description."""
+    p = argparse.ArgumentParser(
+        prog="optrun operator",
+        description=f"The optrun Kubernetes operator. Every option can also be set as {ENV_PREFIX}<NAME>.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for name, field in OperatorConfig.model_fields.items():
+        p.add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description} (env {ENV_PREFIX}{name.upper()})",
+        )
+    return p
+
+
+def _coerce(name: str, raw: str) -> Any:
+    """Text from a flag or the environment: JSON for lists, mappings and numbers, else the string."""
+    annotation = str(OperatorConfig.model_fields[name].annotation)
+    if annotation.startswith(("list", "dict")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            # A single namespace given bare is the common case; a comma list is the next one.
+            return [item.strip() for item in raw.split(",") if item.strip()]
+    if name == "priority" and raw.strip().lower() in ("", "auto"):
+        return None
+    return raw
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tuple[OperatorConfig, bool]:
+    """The configuration from flags, then the environment, then the defaults; and the verbose flag.
+
+    Raises ManifestError (one field-named line per problem) on invalid values."""
+    env = os.environ if environ is None else environ
+    args = parser().parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for name in OperatorConfig.model_fields:
+        raw = getattr(args, name)
+        if raw is None:
+            raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    try:
+        return OperatorConfig.model_validate(values), bool(args.verbose)
+    except ValidationError as exc:
+        raise ManifestError(manifest_errors(exc, prefix="operator", model=OperatorConfig)) from None

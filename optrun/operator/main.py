@@ -1,0 +1,276 @@
+"""The operator process: kopf's settings, the thin handlers, and `run(argv)` (`optrun operator`).
+
+Each handler is a few lines that hand the run to `Controller.converge` (optrun.operator.controller),
+which calls the one idempotent reconcile (optrun.operator.reconcile): creation, resumption after a
+restart, a spec update, the periodic look (timer) and a change of one of the run's pods all
+converge there. Two kopf indexes give every handler the runs and their pods as the watch streams
+last showed them; kopf fills them completely before the first handler runs, which is what lets a
+restarted operator find the pods it made instead of making new ones.
+
+Settings live in one place, `configure` (the startup handler), each with the reason for it.
+Handlers are registered by `build_registry(cfg)`, because the timer's interval comes from the
+configuration, which is read at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kopf
+
+from optrun.api import v1alpha1 as api
+from optrun.api.errors import ManifestError
+from optrun.operator import builders, config, metrics
+from optrun.operator.controller import Controller, Retry, freshest, iter_store, trim_pod
+from optrun.operator.kube import load_client
+from optrun.operator.status import TERMINAL_PHASES
+
+log = logging.getLogger(__name__)
+
+RUNS = (api.GROUP, api.VERSION, api.PLURAL)
+PODS = ("v1", "pods")
+PREFIX = api.GROUP  # our own annotation prefix: optrun.io/...
+FINALIZER = f"{api.GROUP}/operator"
+LIVE_PHASES = ("Pending", "Running", "Recovering")
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Every kopf setting the operator changes, and why."""
+    cfg: config.OperatorConfig = memo.cfg
+
+    # Our own name for the finalizer kopf adds while a run has a live timer (it stops the timer
+    # before the run goes): people reading `metadata.finalizers` see whose it is.
+    settings.persistence.finalizer = FINALIZER
+    # Handler progress and the last handled spec go into annotations under optrun.io/, not into
+    # status: the CRD's status schema is structural, so the API server would prune kopf's
+    # status.kopf field, and status belongs to the run's users.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+
+    # Ask the API server to end each watch after 5 minutes and give up on a silent connection
+    # after 5.5: a half-dead TCP connection (a restarted API server behind a load balancer) is
+    # replaced within minutes instead of hanging the operator forever.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    # Short single requests: a request hanging on an unreachable API server must fail and be
+    # retried, not block a handler for kopf's default 5 minutes.
+    settings.networking.request_timeout = cfg.api_timeout_seconds
+    settings.networking.connect_timeout = 10
+
+    # Only the pods the operator made are watched (a server-side label selector): a cluster with
+    # 100k other pods costs the operator nothing.
+    settings.watching.label_selectors[PODS] = builders.LABEL_RUN_UID
+
+    # Peering (high availability): replicas share the KopfPeering object `peering_name`; only the
+    # highest priority is active, the others pause. Priorities are distinct by construction:
+    # minus the start time in microseconds, so the longest-running replica stays active and a
+    # restarted one waits instead of taking over (no needless handovers); any explicit
+    # priority >= 0 (a developer's operator) outranks all of them. A replica that dies without
+    # saying goodbye is replaced once its keep-alive expires: `peering_lifetime_seconds`.
+    settings.peering.name = cfg.peering_name
+    settings.peering.priority = cfg.priority if cfg.priority is not None else -int(time.time() * 1e6)
+    settings.peering.lifetime = cfg.peering_lifetime_seconds
+    settings.peering.mandatory = cfg.peering_mode == "mandatory"
+    settings.peering.standalone = cfg.peering_mode == "standalone"
+    settings.peering.clusterwide = cfg.clusterwide
+    settings.peering.stealth = True  # keep-alives every few seconds are not worth a log line
+
+    # Events: kopf would post one per handler run ("Handler ... succeeded"): noise in
+    # `kubectl describe` and one more API request per reconcile. The operator posts its own
+    # Events for every transition; kopf posts only its warnings and errors.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = f"{api.GROUP}/operator"
+
+    # Handlers are synchronous (the API client blocks); this many run at once.
+    settings.execution.max_workers = cfg.workers
+
+    # The CRD is installed before the operator (chart or crds/); watching CRDs and namespaces at
+    # runtime would need cluster-wide list/watch on both, and buys nothing here.
+    settings.scanning.disabled = True
+
+    if cfg.metrics_port:
+        port = metrics.serve(cfg.metrics_port)
+        log.info("operator metrics at :%d/metrics", port)
+    metrics.watch_runs(memo.controller.cache.phases)
+    log.info(
+        "optrun operator: %s, runtime image %s, look every %gs, peering %s (priority %d)",
+        "all namespaces" if cfg.clusterwide else ", ".join(cfg.namespaces),
+        cfg.runtime_image,
+        cfg.scrape_interval_seconds,
+        cfg.peering_mode,
+        settings.peering.priority,
+    )
+
+
+# --- indexes ----------------------------------------------------------------------------------
+
+
+def index_runs(body: kopf.Body, uid: str, **_: Any) -> dict[str, Any]:
+    return {uid: dict(body)}
+
+
+def index_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    return {labels[builders.LABEL_RUN_UID]: trim_pod(body)}
+
+
+# --- handlers: thin, they all converge ----------------------------------------------------------
+
+
+def _converge(
+    memo: kopf.Memo,
+    body: Mapping[str, Any],
+    trigger: str,
+    runs: kopf.Index[str, Any],
+    pods: kopf.Index[str, Any],
+    **options: Any,
+) -> None:
+    uid = str(body["metadata"]["uid"])
+    controller: Controller = memo.controller
+    try:
+        controller.converge(
+            body,
+            trigger=trigger,
+            indexed_pods=iter_store(pods.get(uid)),
+            indexed_run=freshest(*iter_store(runs.get(uid))),
+            **options,
+        )
+    except Retry as retry:
+        raise kopf.TemporaryError(str(retry), delay=retry.delay) from None
+
+
+def on_create(
+    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
+) -> None:
+    _converge(memo, body, "create", optrun_runs, optrun_pods)
+
+
+def on_resume(
+    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
+) -> None:
+    _converge(memo, body, "resume", optrun_runs, optrun_pods)
+
+
+def on_update(
+    body: kopf.Body,
+    diff: kopf.Diff,
+    memo: kopf.Memo,
+    optrun_runs: kopf.Index,
+    optrun_pods: kopf.Index,
+    **_: Any,
+) -> None:
+    changes = tuple(".".join(("spec", *map(str, d[1]))) for d in diff)
+    _converge(memo, body, "update", optrun_runs, optrun_pods, spec_changes=changes)
+
+
+def on_timer(
+    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
+) -> None:
+    _converge(memo, body, "timer", optrun_runs, optrun_pods, scrape_metrics=True)
+
+
+def needs_a_look(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+    """The timer runs for runs in progress (gates, deadline, progress) and for finished runs that
+    wait for their TTL; the others cost nothing."""
+    phase = status.get("phase")
+    return phase in LIVE_PHASES or (
+        phase in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is not None
+    )
+
+
+def on_pod_event(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    optrun_runs: kopf.Index,
+    optrun_pods: kopf.Index,
+    **_: Any,
+) -> None:
+    kind = event.get("type")
+    if kind is None:
+        return  # the initial listing: the runs' resume handlers look at every run anyway
+    uid = labels[builders.LABEL_RUN_UID]
+    controller: Controller = memo.controller
+    if kind == "DELETED":
+        controller.cache.remember_pod(uid, body, deleted=True)
+    run = freshest(*iter_store(optrun_runs.get(uid)), controller.cache.run(uid))
+    if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    try:
+        _converge(memo, run, "pod", optrun_runs, optrun_pods)
+    except kopf.TemporaryError as err:
+        log.info("%s: will look again: %s", body.get("metadata", {}).get("name"), err)
+
+
+async def on_run_event(event: kopf.RawEvent, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        memo.controller.cache.forget(uid)
+
+
+def build_registry(cfg: config.OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    # kopf's watches authenticate as the operator's own API calls do (optrun.operator.kube): the
+    # in-cluster ServiceAccount, else the kubeconfig; a registry of our own gets no default.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    kopf.on.startup(registry=registry)(configure)
+    kopf.index(*RUNS, id="optrun_runs", registry=registry)(index_runs)
+    kopf.index(*PODS, id="optrun_pods", labels={builders.LABEL_RUN_UID: kopf.PRESENT}, registry=registry)(
+        index_pods
+    )
+    kopf.on.create(*RUNS, id="reconcile-create", registry=registry)(on_create)
+    kopf.on.resume(*RUNS, id="reconcile-resume", registry=registry)(on_resume)
+    kopf.on.update(*RUNS, id="reconcile-update", field="spec", registry=registry)(on_update)
+    kopf.timer(
+        *RUNS,
+        id="reconcile-timer",
+        interval=cfg.scrape_interval_seconds,
+        when=needs_a_look,
+        registry=registry,
+    )(on_timer)
+    kopf.on.event(*PODS, id="pod-event", labels={builders.LABEL_RUN_UID: kopf.PRESENT}, registry=registry)(
+        on_pod_event
+    )
+    kopf.on.event(*RUNS, id="run-event", registry=registry)(on_run_event)
+    return registry
+
+
+def run(argv: Sequence[str]) -> int:
+    """`optrun operator [options]`: validate the configuration, then run kopf until a signal."""
+    args = list(argv)
+    if args[:1] == ["--"]:
+        args = args[1:]  # `optrun operator -- --flag ...`: argparse's REMAINDER keeps the separator
+    try:
+        cfg, verbose = config.load(args)
+    except ManifestError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    if not verbose:
+        # kopf logs every handler and timer run per object at INFO: at a thousand runs that is the
+        # whole log. Its warnings and errors stay.
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+    kube = load_client(cfg.api_timeout_seconds)
+    memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube))
+    kopf.run(
+        registry=build_registry(cfg),
+        memo=memo,
+        clusterwide=cfg.clusterwide,
+        namespaces=cfg.namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None,
+    )
+    return 0
