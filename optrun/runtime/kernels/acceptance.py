@@ -110,12 +110,12 @@ def parity(ctx: RunContext) -> Check:
     )
 
 
-def _short_run(ctx: RunContext, patched: bool) -> float:
+def _short_run(ctx: RunContext, patched: bool, steps: int) -> float:
     from optrun.runtime.checks import scratch_spec
     from optrun.runtime.training.checkpoint import CheckpointStore
     from optrun.runtime.training.loop import Trainer
 
-    spec = scratch_spec(ctx.spec, steps=TRAINING_STEPS)
+    spec = scratch_spec(ctx.spec, steps=steps)
     model = ctx.model_factory()
     if patched:
         model = ctx.transforms["kernels"](model)
@@ -127,15 +127,20 @@ def _short_run(ctx: RunContext, patched: bool) -> float:
 
 @SUITE.test("kernels.training-loss", Category.END_TO_END, applies=kernels_enabled)
 def training_loss(ctx: RunContext) -> Check:
+    return compare_training(ctx, TRAINING_STEPS)
+
+
+def compare_training(ctx: RunContext, steps: int) -> Check:
+    """Train `steps` steps from the same seed with and without the kernels; compare final losses."""
     if "kernels" not in ctx.transforms:
         return Check(False, reason="no kernels transform registered (the kernel stage did not finish)")
-    base, fused = _short_run(ctx, False), _short_run(ctx, True)
+    base, fused = _short_run(ctx, False, steps), _short_run(ctx, True, steps)
     rtol = TRAINING_LOSS_RTOL[ctx.dtype]
     rel = abs(fused - base) / max(abs(base), 1e-12)
     return Check(
         rel <= rtol,
         measured=round(rel, 8),
         expected=Expected(max=rtol),
-        reason=f"loss after {TRAINING_STEPS} steps: {fused:.6f} with kernels, {base:.6f} without "
+        reason=f"loss after {steps} steps: {fused:.6f} with kernels, {base:.6f} without "
         f"(relative difference {rel:.2e}, allowed {rtol:g})",
     )

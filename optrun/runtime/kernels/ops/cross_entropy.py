@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from optrun.runtime.kernels.ops._launch import kernel
-from optrun.runtime.kernels.ops._settings import warps_for
+from optrun.runtime.kernels.ops._settings import TILE_ELEMENTS, warps_for
 
 IGNORE_INDEX = -100
 # The widest block a row program loads at once; longer rows are walked in blocks of this size.
@@ -35,42 +35,48 @@ _MAX_BLOCK = 32768
 
 @kernel
 def _ce_loss_grad(
-    Z, stride_z, Y, LOSS, n_cols, ignore_index, grad_scale, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr
+    Z,
+    stride_z,
+    Y,
+    LOSS,
+    n_rows,
+    n_cols,
+    ignore_index,
+    grad_scale,
+    HAS_GRAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """One row of logits z with target y: LOSS = logsumexp(z) - z[y]; with HAS_GRAD, z is
-    overwritten by (softmax(z) - onehot(y)) * grad_scale. An ignored row gets loss 0, gradient 0."""
-    row = tl.program_id(0).to(tl.int64)
-    z_row = Z + row * stride_z
-    y = tl.load(Y + row)
-    if y == ignore_index:
-        tl.store(LOSS + row, 0.0)
-        if HAS_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                tl.store(
-                    z_row + cols,
-                    tl.zeros((BLOCK,), dtype=tl.float32).to(Z.dtype.element_ty),
-                    mask=cols < n_cols,
-                )
-    else:
-        z_y = tl.load(z_row + y).to(tl.float32)
-        m = float("-inf")  # running max
-        s = 0.0  # running sum of exp(z - m)
+    """ROWS rows of logits z with targets y: LOSS = logsumexp(z) - z[y]; with HAS_GRAD, z is
+    overwritten by (softmax(z) - onehot(y)) * grad_scale. An ignored row gets loss 0, gradient 0.
+    Several rows share a program when the vocabulary is small; a large one takes a row each."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (y != ignore_index)
+    z_rows = Z + rows * stride_z  # (ROWS,) row starts
+    z_y = tl.load(z_rows + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    # Online logsumexp; rows past the end read zeros (finite) and are never stored.
+    m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)  # running max
+    s = tl.zeros((ROWS,), dtype=tl.float32)  # running sum of exp(z - m)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        col_ok = (cols < n_cols)[None, :]
+        z = tl.load(z_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+        z = tl.where(col_ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    tl.store(LOSS + rows, tl.where(valid, lse - z_y, 0.0), mask=row_ok)
+    if HAS_GRAD:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        tl.store(LOSS + row, lse - z_y)
-        if HAS_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
-                tl.store(z_row + cols, (g * grad_scale).to(Z.dtype.element_ty), mask=mask)
+            mask = row_ok[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+            g = tl.where(valid[:, None], g * grad_scale, 0.0)
+            tl.store(z_rows[:, None] + cols[None, :], g.to(Z.dtype.element_ty), mask=mask)
 
 
 def default_chunk_rows(n_rows: int, dim: int, vocab: int) -> int:
@@ -129,7 +135,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         has_grad = need_h or need_w
         chunk = chunk_rows or default_chunk_rows(n_rows, dim, vocab)
         block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
-        warps = warps_for(block)
+        rows = max(1, TILE_ELEMENTS // block)
+        warps = warps_for(rows * block)
         # Without valid rows the mean is 0/0 (nan, as in F.cross_entropy); the gradient is zero.
         scale = 1.0 / n_valid if n_valid else 0.0
         loss_rows = torch.empty(n_rows, dtype=torch.float32, device=h.device)
@@ -141,15 +148,17 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 end = min(start + chunk, n_rows)
                 h_c = h[start:end].to(cdt)
                 z = h_c @ w.t()  # (rows, V), the chunk's logits; becomes their gradient in place
-                _ce_loss_grad[(end - start,)](
+                _ce_loss_grad[(triton.cdiv(end - start, rows),)](
                     z,
                     z.stride(0),
                     y[start:end],
                     loss_rows[start:end],
+                    end - start,
                     vocab,
                     ignore_index,
                     scale,
                     HAS_GRAD=has_grad,
+                    ROWS=rows,
                     BLOCK=block,
                     num_warps=warps,
                 )

@@ -21,7 +21,7 @@ from torch import Tensor
 from optrun.runtime.kernels.ops._launch import kernel
 
 # Elements per program: large enough to amortise the launch, small enough to keep many programs.
-_BLOCK = 1024
+_BLOCK = 4096
 
 
 @kernel
@@ -61,7 +61,7 @@ class SwiGLUFunction(torch.autograd.Function):
         c = torch.empty_like(a)
         n = a.numel()
         if n:
-            _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](a, b, c, n, BLOCK=_BLOCK, num_warps=4)
+            _swiglu_fwd[(triton.cdiv(n, _BLOCK),)](a, b, c, n, BLOCK=_BLOCK, num_warps=8)
         ctx.save_for_backward(a, b)
         return c
 
@@ -72,7 +72,7 @@ class SwiGLUFunction(torch.autograd.Function):
         da, db = torch.empty_like(a), torch.empty_like(b)
         n = a.numel()
         if n:
-            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dc, a, b, da, db, n, BLOCK=_BLOCK, num_warps=4)
+            _swiglu_bwd[(triton.cdiv(n, _BLOCK),)](dc, a, b, da, db, n, BLOCK=_BLOCK, num_warps=8)
         return da, db
 
 
