@@ -12,7 +12,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from optrun.runtime.kernels.ops.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from optrun.runtime.kernels.ops.cross_entropy import (
+    fused_linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from optrun.runtime.kernels.ops.rms_norm import rms_norm, rms_norm_reference
 from optrun.runtime.kernels.ops.rope import rotary, rotary_reference
 from optrun.runtime.kernels.ops.swiglu import swiglu, swiglu_reference
@@ -35,7 +38,9 @@ def gold(*tensors: Tensor) -> list[Tensor]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", [(4, 64, 128), (3, 423, 213), (5, 1, 7)], ids=str)
-def test_rms_norm_matches_reference_in_output_and_gradients(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def test_rms_norm_matches_reference_in_output_and_gradients(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3).to(dtype).requires_grad_()
     w = (1 + 0.2 * torch.randn(shape[-1], generator=gen)).to(dtype).requires_grad_()

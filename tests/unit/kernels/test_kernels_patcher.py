@@ -47,7 +47,12 @@ def test_triton_patch_swaps_every_layer_of_the_builtin_model_and_reports_it() ->
     assert isinstance(model.layers[1].ffn, TritonSwiGLU)
     assert isinstance(model.layers[0].attn.rotary, TritonRotaryEmbedding)
     assert isinstance(model.loss_fn, FusedLMHeadLoss)
-    assert report.swapped["layers.1.ffn"] == {"op": "swiglu", "choice": "triton", "from": "SwiGLU", "to": "TritonSwiGLU"}
+    assert report.swapped["layers.1.ffn"] == {
+        "op": "swiglu",
+        "choice": "triton",
+        "from": "SwiGLU",
+        "to": "TritonSwiGLU",
+    }
     assert find_ops(model) == {}  # nothing left to swap: patching is one-way
 
 
@@ -70,7 +75,9 @@ def test_patched_model_shares_parameters_and_state_dict_with_the_original() -> N
 def test_patched_tiny_model_matches_unpatched_logits_loss_and_gradients(precision: str) -> None:
     x, y = batch()
     base, fused = tiny(), tiny()
-    patch_model(fused, {"rms_norm": "triton", "swiglu": "triton", "rope": "triton", "cross_entropy": "triton"})
+    patch_model(
+        fused, {"rms_norm": "triton", "swiglu": "triton", "rope": "triton", "cross_entropy": "triton"}
+    )
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
     with amp:
@@ -146,7 +153,9 @@ def test_llama_style_layers_are_recognised_by_structure_and_declared_ones_by_map
     torch.manual_seed(2)
     base = ForeignBlock()
     fused = copy.deepcopy(base)
-    report = patch_model(fused, "triton", mapping={ScaleNorm: Binding("rms_norm", {"weight": "scale", "eps": "epsilon"})})
+    report = patch_model(
+        fused, "triton", mapping={ScaleNorm: Binding("rms_norm", {"weight": "scale", "eps": "epsilon"})}
+    )
     assert {p: e["to"] for p, e in report.swapped.items()} == {
         "input_layernorm": "TritonRMSNorm",
         "mlp": "TritonSwiGLU",
@@ -186,13 +195,19 @@ def test_compile_choice_keeps_type_and_state_dict_and_computes_the_same() -> Non
 def test_bad_choices_and_bindings_are_refused_with_the_allowed_values() -> None:
     with pytest.raises(ValueError, match="choices: unknown operation 'layernorm'; allowed: rms_norm"):
         patch_model(tiny(), {"layernorm": "triton"})
-    with pytest.raises(ValueError, match=r"choices\['rope'\]: unknown choice 'cuda'; allowed: triton, compile, eager"):
+    with pytest.raises(
+        ValueError, match=r"choices\['rope'\]: unknown choice 'cuda'; allowed: triton, compile, eager"
+    ):
         patch_model(tiny(), {"rope": "cuda"})
-    with pytest.raises(ValueError, match="Binding.attrs for swiglu: expected roles gate, up, down; missing \\['down'\\]"):
+    with pytest.raises(
+        ValueError, match="Binding.attrs for swiglu: expected roles gate, up, down; missing \\['down'\\]"
+    ):
         Binding("swiglu", {"gate": "a", "up": "b"})
 
 
-def test_triton_choice_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_choice_on_a_cpu_without_the_interpreter_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(TritonUnavailableError, match="triton needs a CUDA device.*TRITON_INTERPRET=1"):
         patch_model(tiny(), "triton")

@@ -27,8 +27,16 @@ def tiny_and_run() -> tuple[nn.Module, object]:
 
 def test_auto_on_cpu_measures_eager_and_records_why_triton_is_no_candidate(tmp_path: Path) -> None:
     model, run = tiny_and_run()
-    sel = select_kernels(model, run, device=CPU, device_name="test-cpu", cache_path=tmp_path / "c.json",
-                         compile_timeout_s=0, repeats=2, warmup=1)
+    sel = select_kernels(
+        model,
+        run,
+        device=CPU,
+        device_name="test-cpu",
+        cache_path=tmp_path / "c.json",
+        compile_timeout_s=0,
+        repeats=2,
+        warmup=1,
+    )
     assert set(sel) == {"rms_norm", "rope", "swiglu", "cross_entropy"}
     for s in sel.values():
         assert s.choice == "eager" and s.times["eager"] > 0
@@ -43,15 +51,35 @@ def test_auto_on_cpu_measures_eager_and_records_why_triton_is_no_candidate(tmp_p
 def test_second_selection_on_the_same_device_comes_from_the_cache(tmp_path: Path) -> None:
     model, run = tiny_and_run()
     path = tmp_path / "c.json"
-    first = select_kernels(model, run, device=CPU, device_name="test-cpu", cache_path=path, compile_timeout_s=0,
-                           repeats=2, warmup=1)
+    first = select_kernels(
+        model,
+        run,
+        device=CPU,
+        device_name="test-cpu",
+        cache_path=path,
+        compile_timeout_s=0,
+        repeats=2,
+        warmup=1,
+    )
     entries = json.loads(path.read_text())["entries"]
     assert len(entries) == 4 and all("test-cpu" in k for k in entries)
-    again = select_kernels(model, run, device=CPU, device_name="test-cpu", cache_path=path, compile_timeout_s=0)
+    again = select_kernels(
+        model, run, device=CPU, device_name="test-cpu", cache_path=path, compile_timeout_s=0
+    )
     assert all(s.cached for s in again.values())
-    assert {op: (s.choice, s.times) for op, s in again.items()} == {op: (s.choice, s.times) for op, s in first.items()}
-    other = select_kernels(model, run, device=CPU, device_name="another-cpu", cache_path=path, compile_timeout_s=0,
-                           repeats=2, warmup=1)
+    assert {op: (s.choice, s.times) for op, s in again.items()} == {
+        op: (s.choice, s.times) for op, s in first.items()
+    }
+    other = select_kernels(
+        model,
+        run,
+        device=CPU,
+        device_name="another-cpu",
+        cache_path=path,
+        compile_timeout_s=0,
+        repeats=2,
+        warmup=1,
+    )
     assert not any(s.cached for s in other.values())  # cached per device name
 
 
@@ -63,8 +91,16 @@ def test_cache_lives_under_optrun_cache(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.mark.slow  # compiles four operations with Inductor's C++ backend
 def test_compile_candidate_is_timed_and_parity_checked_when_it_compiles_in_time(tmp_path: Path) -> None:
     model, run = tiny_and_run()
-    sel = select_kernels(model, run, device=CPU, device_name="test-cpu", cache_path=None, compile_timeout_s=120,
-                         repeats=2, warmup=1)
+    sel = select_kernels(
+        model,
+        run,
+        device=CPU,
+        device_name="test-cpu",
+        cache_path=None,
+        compile_timeout_s=120,
+        repeats=2,
+        warmup=1,
+    )
     for s in sel.values():
         assert set(s.times) == {"eager", "compile"}, s.skipped
         assert s.choice == min(s.times, key=s.times.__getitem__)
@@ -73,8 +109,16 @@ def test_compile_candidate_is_timed_and_parity_checked_when_it_compiles_in_time(
 def test_compile_that_overruns_its_bound_is_skipped_with_the_reason(tmp_path: Path) -> None:
     model, run = tiny_and_run()
     try:
-        sel = select_kernels(model, run, device=CPU, device_name="test-cpu", cache_path=None,
-                             compile_timeout_s=1e-6, repeats=2, warmup=1)
+        sel = select_kernels(
+            model,
+            run,
+            device=CPU,
+            device_name="test-cpu",
+            cache_path=None,
+            compile_timeout_s=1e-6,
+            repeats=2,
+            warmup=1,
+        )
     finally:
         wait_for_background_compiles()
     reasons = [s.skipped["compile"] for s in sel.values()]
@@ -90,7 +134,9 @@ def test_forced_modes_choose_without_measuring() -> None:
     assert all(s.times == {} and s.skipped == {"*": "forced by mode=triton"} for s in sel.values())
 
 
-def test_forcing_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forcing_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     model, run = tiny_and_run()
     with pytest.raises(TritonUnavailableError, match="kernels.mode: triton needs a CUDA device"):
@@ -99,5 +145,7 @@ def test_forcing_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(monkey
 
 def test_unknown_mode_is_refused_with_the_allowed_values() -> None:
     model, run = tiny_and_run()
-    with pytest.raises(ValueError, match="mode: unknown kernel mode 'fast'; allowed: auto, triton, compile, eager"):
+    with pytest.raises(
+        ValueError, match="mode: unknown kernel mode 'fast'; allowed: auto, triton, compile, eager"
+    ):
         select_kernels(model, run, device=CPU, device_name="test-cpu", mode="fast")

@@ -62,7 +62,9 @@ def test_forcing_triton_on_a_cpu_without_the_interpreter_fails_the_stage_clearly
 ) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     ctx = make_context(optimizations={"kernels": {"enabled": True, "mode": "triton"}})
-    with pytest.raises(TritonUnavailableError, match=r"spec\.optimizations\.kernels\.mode: triton needs a CUDA device"):
+    with pytest.raises(
+        TritonUnavailableError, match=r"spec\.optimizations\.kernels\.mode: triton needs a CUDA device"
+    ):
         optimize(ctx, ctx.model_factory())
 
 
