@@ -117,9 +117,12 @@ GATE_REASONS = {
 # Condition (type, reason) pairs that are expected on the way, not a problem worth a Warning.
 _BENIGN_FALSE = {
     (RUNNING, Reason.SUSPENDED),
+    (RUNNING, Reason.RESUMED),
     (RUNNING, Reason.POD_PENDING),
     (COMPLETE, Reason.IN_PROGRESS),
 }
+# ... and those not worth an Event at all: every run starts with them (AttemptStarted says it).
+_QUIET = {(COMPLETE, Reason.IN_PROGRESS), (RUNNING, Reason.POD_PENDING)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +210,7 @@ def transition_events(old: OptimizationRunStatus, new: OptimizationRunStatus) ->
         before = get_condition(old, c.type)
         if before is not None and (before.status, before.reason) == (c.status, c.reason):
             continue
-        if c.status == "Unknown" or c.reason in seen:
+        if c.status == "Unknown" or c.reason in seen or (c.type, c.reason) in _QUIET:
             continue
         seen.add(c.reason)
         events.append(Event("Warning" if _bad(c) else "Normal", c.reason, c.message))
