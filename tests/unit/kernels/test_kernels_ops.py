@@ -191,5 +191,5 @@ def test_triton_kernels_refuse_a_cpu_without_the_interpreter(monkeypatch: pytest
     from optrun.runtime.kernels.ops._launch import TritonUnavailableError
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(TritonUnavailableError, match="needs a CUDA device.*TRITON_INTERPRET=1"):
+    with pytest.raises(TritonUnavailableError, match=r"needs a CUDA device.*TRITON_INTERPRET=1"):
         rms_norm(torch.randn(2, 8), torch.ones(8))

@@ -200,7 +200,7 @@ def test_bad_choices_and_bindings_are_refused_with_the_allowed_values() -> None:
     ):
         patch_model(tiny(), {"rope": "cuda"})
     with pytest.raises(
-        ValueError, match="Binding.attrs for swiglu: expected roles gate, up, down; missing \\['down'\\]"
+        ValueError, match=r"Binding\.attrs for swiglu: expected roles gate, up, down; missing \[.down.\]"
     ):
         Binding("swiglu", {"gate": "a", "up": "b"})
 
@@ -209,7 +209,7 @@ def test_triton_choice_on_a_cpu_without_the_interpreter_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(TritonUnavailableError, match="triton needs a CUDA device.*TRITON_INTERPRET=1"):
+    with pytest.raises(TritonUnavailableError, match=r"triton needs a CUDA device.*TRITON_INTERPRET=1"):
         patch_model(tiny(), "triton")
 
 

@@ -139,7 +139,7 @@ def test_forcing_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(
 ) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     model, run = tiny_and_run()
-    with pytest.raises(TritonUnavailableError, match="kernels.mode: triton needs a CUDA device"):
+    with pytest.raises(TritonUnavailableError, match=r"kernels\.mode: triton needs a CUDA device"):
         select_kernels(model, run, device=CPU, device_name="test-cpu", mode="triton", cache_path=None)
 
 
