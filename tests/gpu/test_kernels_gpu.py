@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from optrun.runtime.kernels.ops.cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
@@ -131,6 +133,21 @@ def test_fused_linear_cross_entropy_on_cuda_matches_reference(
     check(loss, ref, tol, "loss")
     check(dh, dhr, tol, "dh")
     check(dw, dwr, tol, "dw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize(("n", "v"), [(1269, 1031), (4096, 128256)], ids=str)
+def test_cross_entropy_on_cuda_matches_reference(n: int, v: int, dtype: torch.dtype) -> None:
+    z = randn(n, v, dtype=dtype, scale=3).requires_grad_()
+    y = torch.randint(0, v, (n,), device=CUDA)
+    y[::9] = -100
+    loss = cross_entropy(z, y)
+    (dz,) = torch.autograd.grad(loss, z)
+    (zr,) = gold(z)
+    ref = cross_entropy_reference(zr, y)
+    (dzr,) = torch.autograd.grad(ref, zr)
+    check(loss, ref, OP_TOLERANCE[torch.float32], "loss")
+    check(dz, dzr, OP_TOLERANCE[dtype], "dz")
 
 
 def test_fused_linear_cross_entropy_needs_far_less_memory_than_eager() -> None:

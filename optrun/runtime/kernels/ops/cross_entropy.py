@@ -36,7 +36,9 @@ _MAX_BLOCK = 32768
 @kernel
 def _ce_loss_grad(
     Z,
+    G,
     stride_z,
+    stride_g,
     Y,
     LOSS,
     n_rows,
@@ -47,8 +49,8 @@ def _ce_loss_grad(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """ROWS rows of logits z with targets y: LOSS = logsumexp(z) - z[y]; with HAS_GRAD, z is
-    overwritten by (softmax(z) - onehot(y)) * grad_scale. An ignored row gets loss 0, gradient 0.
+    """ROWS rows of logits z with targets y: LOSS = logsumexp(z) - z[y]; with HAS_GRAD, G gets
+    (softmax(z) - onehot(y)) * grad_scale (G may be Z itself: each element is read before written). An ignored row gets loss 0, gradient 0.
     Several rows share a program when the vocabulary is small; a large one takes a row each."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -76,7 +78,8 @@ def _ce_loss_grad(
             z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
             g = tl.where(valid[:, None], g * grad_scale, 0.0)
-            tl.store(z_rows[:, None] + cols[None, :], g.to(Z.dtype.element_ty), mask=mask)
+            g_rows = G + rows * stride_g
+            tl.store(g_rows[:, None] + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 def default_chunk_rows(n_rows: int, dim: int, vocab: int) -> int:
@@ -150,6 +153,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 z = h_c @ w.t()  # (rows, V), the chunk's logits; becomes their gradient in place
                 _ce_loss_grad[(triton.cdiv(end - start, rows),)](
                     z,
+                    z,
+                    z.stride(0),
                     z.stride(0),
                     y[start:end],
                     loss_rows[start:end],
@@ -189,6 +194,71 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.need_w:
             dw = grad_w if unit else grad_w * grad_loss.to(grad_w.dtype)
         return dh, dw, None, None, None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), one Triton pass computing loss
+    and gradient (the gradient is only scaled in the backward). The logits stay untouched."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, logits: Tensor, targets: Tensor, ignore_index: int
+    ) -> Tensor:
+        if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(
+                f"logits, targets: expected (N, V) and (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
+        z = logits if logits.stride(-1) == 1 else logits.contiguous()
+        y = targets.contiguous()
+        n_rows, vocab = z.shape
+        valid = y != ignore_index
+        bad = valid & ((y < 0) | (y >= vocab))
+        n_valid, n_bad = torch.stack((valid.sum(), bad.sum())).tolist()
+        if n_bad:
+            raise ValueError(
+                f"targets: {n_bad} target(s) outside [0, {vocab}) and not ignore_index={ignore_index}"
+            )
+        has_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(z) if has_grad else z
+        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+        block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
+        rows = max(1, TILE_ELEMENTS // block)
+        if n_rows:
+            _ce_loss_grad[(triton.cdiv(n_rows, rows),)](
+                z,
+                grad,
+                z.stride(0),
+                grad.stride(0),
+                y,
+                loss_rows,
+                n_rows,
+                vocab,
+                ignore_index,
+                1.0 / n_valid if n_valid else 0.0,
+                HAS_GRAD=has_grad,
+                ROWS=rows,
+                BLOCK=block,
+                num_warps=warps_for(rows * block),
+            )
+        ctx.save_for_backward(grad if has_grad else torch.empty(0))
+        return loss_rows.sum() / n_valid if n_valid else loss_rows.sum() * float("nan")
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        if not bool(torch.equal(grad_loss, torch.ones_like(grad_loss))):
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,) with the Triton kernel (fp32 maths)."""
+    return CrossEntropyFunction.apply(logits, targets, ignore_index)
+
+
+def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Plain PyTorch, as LMHeadLoss applies it to logits: fp32 cross-entropy."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
 def fused_linear_cross_entropy(
