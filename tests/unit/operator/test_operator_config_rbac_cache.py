@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from optrun.api.errors import ManifestError
@@ -91,3 +96,11 @@ def test_the_last_state_of_a_deleted_pod_outlives_its_index_entry() -> None:
     assert deleted and state["status"]["phase"] == "Failed"
     cache.forget("uid")
     assert cache.pods("uid", []) == {}
+
+
+def test_the_operator_command_refuses_a_bad_setting_naming_it() -> None:
+    optrun = Path(sys.executable).parent / "optrun"
+    env = {**os.environ, "OPTRUN_OPERATOR_SCRAPE_INTERVAL_SECONDS": "-1"}
+    result = subprocess.run([str(optrun), "operator"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "operator.scrape_interval_seconds" in result.stderr
