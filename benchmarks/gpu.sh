@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, each step bounded in time, for a short lease on a GPU
+# machine: the GPU tests (kernels and quantized matmul run natively), then the kernel, KV-cache
+# and compression benchmarks, then a GPU-sized OptimizationRun. Logs and CSVs go to OUTDIR.
+#
+#   bash benchmarks/gpu.sh [OUTDIR]          (PYTHON=... picks the interpreter)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+step() { # NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (at most ${limit}s)" >&2
+  local started=$SECONDS
+  timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$out/$name.log"
+  echo "$name: exit $rc in $((SECONDS - started))s" | tee -a "$out/summary.txt"
+}
+step gpu-tests 100 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+step kernels 150 "$py" benchmarks/kernels.py --csv "$out/kernels.csv"
+step kvcache 70 "$py" benchmarks/kvcache.py --no-csv
+step compression 70 "$py" benchmarks/compression.py --sections codecs,matmul,weights
+step gpu-run 110 "$py" -m optrun.cli run examples/gpu-small.yaml --output "$out/gpu-small" --quiet
+cat "$out/summary.txt"
