@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from optrun.api.v1alpha1 import OptimizationRunSpec
+from optrun.runtime.context import RunContext
 from optrun.runtime.data import Corpus
+from optrun.runtime.hardware import detect
 from optrun.runtime.model import build_model
 from optrun.runtime.training.loop import Trainer
 
@@ -56,3 +59,16 @@ def seeded_model(spec: OptimizationRunSpec) -> torch.nn.Module:
 
 # The `make_trainer` fixture's type (see conftest.py).
 MakeTrainer = Callable[..., Trainer]
+
+
+def run_context(spec: OptimizationRunSpec, output_dir: Path) -> RunContext:
+    """A real run context on the CPU for `spec`, as the orchestrator's detect stage builds it."""
+    device, hardware = detect("cpu")
+    return RunContext(
+        spec=spec,
+        device=device,
+        hardware=hardware,
+        corpus=pydoc_corpus(),
+        model_factory=functools.partial(seeded_model, spec),
+        output_dir=output_dir,
+    )

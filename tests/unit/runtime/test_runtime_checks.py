@@ -1,0 +1,162 @@
+"""The core acceptance tests (optrun.runtime.checks) on a real, short CPU run: each passes on a
+healthy run and fails on the defect it exists to catch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from optrun.api.result import Category
+from optrun.runtime import checks, orchestrator
+from optrun.runtime.acceptance import SUITE
+from optrun.runtime.context import RunContext
+from optrun.runtime.metrics import Metrics
+from optrun.runtime.orchestrator import LogObserver, RunOptions
+from optrun.runtime.training.loop import evaluate
+from tests.unit.runtime.runtime_support import run_context, small_spec
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunContext]:
+    """One short healthy run (2 epochs of 6 steps) shared by the module's read-only checks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ctx = run_context(small_spec(), tmp_path_factory.mktemp("run"))
+    ctx.results["metrics"] = Metrics(ctx.output_dir / "metrics.jsonl")
+    s = ctx.spec
+    ctx.results["baseline"] = evaluate(
+        ctx.model_factory(),
+        ctx.corpus.eval_batches(s.workload.sequence_length, s.workload.batch_size, s.training.eval_batches),
+        ctx.device,
+    )
+    orchestrator.train(ctx, ctx.model_factory(), RunOptions(output_dir=ctx.output_dir), LogObserver())
+    torch.set_num_threads(threads)
+    yield ctx
+
+
+def variant(ctx: RunContext, **train: object) -> RunContext:
+    """A copy of the context whose train results differ as given (the original stays intact)."""
+    results = dict(ctx.results)
+    results["train"] = {**ctx.results["train"], **train}
+    return dataclasses.replace(ctx, results=results)
+
+
+def test_core_checks_are_registered_with_their_categories() -> None:
+    names = set(SUITE.names())
+    for name, category, critical in [
+        ("infra.hardware-detected", Category.CRITICAL_INFRASTRUCTURE, True),
+        ("infra.checkpoint-restores", Category.CRITICAL_INFRASTRUCTURE, True),
+        ("safety.nan-loss-caught-and-recovered", Category.SAFETY, True),
+        ("safety.persistent-fault-fails-the-gate", Category.SAFETY, False),
+        ("e2e.training-completed", Category.END_TO_END, True),
+        ("stability.weights-finite", Category.STABILITY, True),
+        ("tuning.fixed-seed-reproducibility", Category.TUNING, False),
+    ]:
+        assert name in names
+        test = next(t for t in SUITE.applicable(small_spec()) if t.name == name)
+        assert (test.category, test.critical) == (category, critical)
+
+
+def test_healthy_run_passes_the_infrastructure_and_end_to_end_checks(trained: RunContext) -> None:
+    for check in (
+        checks.hardware_detected,
+        checks.precision_supported,
+        checks.checkpoint_restores,
+        checks.metrics_exported,
+        checks.run_gates,
+        checks.training_completed,
+        checks.loss_decreased,
+        checks.weights_finite,
+        checks.state_snapshot,
+        checks.gradient_flow,
+    ):
+        result = check(trained)
+        assert result.passed, f"{check.__name__}: {result.reason}"
+
+
+def test_injected_faults_are_caught_on_a_scratch_copy(trained: RunContext) -> None:
+    before = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    checkpoints = sorted(p.name for p in (trained.output_dir / "checkpoints").iterdir())
+    for check in (
+        checks.nan_loss_recovered,
+        checks.exploding_recovered,
+        checks.persistent_fault_fails,
+        checks.vanishing_caught,
+    ):
+        result = check(trained)
+        assert result.passed, f"{check.__name__}: {result.reason}"
+    # The real run is never touched: same weights, same checkpoints.
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert sorted(p.name for p in (trained.output_dir / "checkpoints").iterdir()) == checkpoints
+
+
+def test_same_seed_scratch_runs_are_reproducible(trained: RunContext) -> None:
+    result = checks.reproducibility(trained)
+    assert result.passed, result.reason
+    assert result.measured == 0.0  # fp32 on one CPU thread: bitwise equal
+
+
+def test_checkpoint_check_fails_when_the_checkpoint_differs_from_the_weights(trained: RunContext) -> None:
+    ctx = dataclasses.replace(trained, model=copy.deepcopy(trained.model))
+    with torch.no_grad():
+        next(ctx.model.parameters()).add_(1e-3)
+    result = checks.checkpoint_restores(ctx)
+    assert not result.passed
+    assert "differs" in result.reason
+
+
+def test_checkpoint_check_fails_without_checkpoints(trained: RunContext, tmp_path: Path) -> None:
+    ctx = dataclasses.replace(trained, output_dir=tmp_path)
+    assert not checks.checkpoint_restores(ctx).passed
+
+
+def test_weights_check_fails_on_a_non_finite_weight(trained: RunContext) -> None:
+    ctx = dataclasses.replace(trained, model=copy.deepcopy(trained.model))
+    with torch.no_grad():
+        next(ctx.model.parameters())[0] = float("nan")
+    assert not checks.weights_finite(ctx).passed
+
+
+def test_run_gates_check_fails_when_a_gate_failed(trained: RunContext) -> None:
+    ctx = variant(trained, gate_failed="nan_loss", gate_message="nan_loss at step 3 (policy fail)")
+    result = checks.run_gates(ctx)
+    assert not result.passed
+    assert "nan_loss" in result.reason
+
+
+def test_training_completed_fails_on_a_short_run(trained: RunContext) -> None:
+    result = checks.training_completed(variant(trained, epochs=1))
+    assert not result.passed
+    assert result.measured == 1
+
+
+def test_target_accuracy_is_judged_against_the_spec(trained: RunContext) -> None:
+    assert checks.target_accuracy(variant(trained, final_accuracy=0.36)).passed
+    assert not checks.target_accuracy(variant(trained, final_accuracy=0.2)).passed
+
+
+def test_convergence_smoothness_fails_on_a_rising_held_out_loss(trained: RunContext) -> None:
+    falling = [{"step": i, "loss": 3.0 - 0.1 * i, "accuracy": 0.1} for i in range(5)]
+    assert checks.convergence_smoothness(variant(trained, evals=falling)).passed
+    rising = [*falling, {"step": 5, "loss": 2.6 * 1.2, "accuracy": 0.1}]
+    result = checks.convergence_smoothness(variant(trained, evals=rising))
+    assert not result.passed
+    assert result.measured == pytest.approx(0.2)
+
+
+def test_step_time_check_flags_a_slow_tail(trained: RunContext) -> None:
+    steady = [0.01] * 20
+    assert checks.step_time_steady(variant(trained, step_seconds=steady)).passed
+    tail = [0.01] * 16 + [0.1] * 4
+    assert not checks.step_time_steady(variant(trained, step_seconds=tail)).passed
+
+
+def test_loss_decreased_fails_when_training_made_it_worse(trained: RunContext) -> None:
+    worse = trained.results["baseline"]["loss"] + 1.0
+    assert not checks.loss_decreased(variant(trained, final_loss=worse)).passed

@@ -1,0 +1,125 @@
+"""The orchestrator's train stage and watchdog: a crashed attempt is retried from the checkpoint,
+a failed gate becomes data (never a missing report), and a run that stops moving is reported."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from optrun.runtime import orchestrator
+from optrun.runtime.context import RunContext
+from optrun.runtime.metrics import Metrics
+from optrun.runtime.orchestrator import LogObserver, RunOptions, Watchdog
+from optrun.runtime.training.faults import InjectedFault
+from tests.unit.runtime.runtime_support import run_context, small_spec
+
+
+def train_stage(ctx: RunContext, attempts: int = 1) -> dict[str, object]:
+    ctx.results["metrics"] = Metrics(ctx.output_dir / "metrics.jsonl")
+    model = ctx.model_factory()
+    orchestrator.train(ctx, model, RunOptions(output_dir=ctx.output_dir, attempts=attempts), LogObserver())
+    return ctx.results["train"]
+
+
+def logged(ctx: RunContext) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (ctx.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_crashed_attempt_is_retried_from_the_checkpoint_and_completes(tmp_path: Path) -> None:
+    ctx = run_context(small_spec(faults=[{"type": "exception", "atStep": 3}]), tmp_path)
+    info = train_stage(ctx, attempts=2)
+    assert info["attempts"] == 2
+    assert "InjectedFault" in str(info["error"])
+    assert info["steps"] == 12 and info["epochs"] == 2
+    resumes = [e for e in logged(ctx) if e["event"] == "resume"]
+    assert [e["step"] for e in resumes] == [2]
+    assert ctx.model is not None
+    assert all(bool(torch.isfinite(p).all()) for p in ctx.model.parameters())
+
+
+def test_crash_on_the_last_attempt_propagates(tmp_path: Path) -> None:
+    ctx = run_context(small_spec(faults=[{"type": "exception", "atStep": 3}]), tmp_path)
+    with pytest.raises(InjectedFault):
+        train_stage(ctx, attempts=1)
+
+
+def test_failed_gate_is_recorded_as_data(tmp_path: Path) -> None:
+    spec = small_spec(
+        faults=[{"type": "nan-loss", "atStep": 2, "persistent": True}], safety={"maxRecoveries": 1}
+    )
+    ctx = run_context(spec, tmp_path)
+    info = train_stage(ctx)
+    assert info["gate_failed"] == "recovery_budget"
+    assert "maxRecoveries 1" in str(info["gate_message"])
+    assert info["trips"] == {"nan_loss": 2}
+    assert info["recoveries"] == 2
+    assert info["steps"] < 12
+
+
+def test_train_stage_reports_history_for_the_report(tmp_path: Path) -> None:
+    ctx = run_context(small_spec(training={"epochs": 1}), tmp_path)
+    info = train_stage(ctx)
+    assert [s for s, _ in info["losses"]] == list(range(6))
+    assert info["evals"][-1]["step"] == 6
+    assert info["final_loss"] == info["evals"][-1]["loss"]
+    assert len(info["step_seconds"]) == 6
+    assert info["trips"] == {} and info["recoveries"] == 0
+
+
+def test_model_factory_gives_the_same_weights_and_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    build = orchestrator._model_factory(small_spec(), torch.device("cpu"))
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    a, b = build(), build()
+    assert torch.equal(torch.get_rng_state(), before)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+# -- watchdog ------------------------------------------------------------------------------------
+
+
+def test_watchdog_reports_a_run_without_progress_once() -> None:
+    metrics = Metrics()
+    metrics.last_progress = time.time() - 120  # the last step was two minutes ago
+    reported: list[float] = []
+    seen = threading.Event()
+
+    def on_hang(idle: float) -> None:
+        reported.append(idle)
+        seen.set()
+
+    dog = Watchdog(metrics, timeout=0.4, on_hang=on_hang)  # checks every 0.1 s
+    dog.start()
+    try:
+        assert seen.wait(10), "the watchdog never reported the hang"
+        # The same stall is reported once, however many checks see it.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            dog.done.wait(0.1)
+        assert len(reported) == 1
+        assert reported[0] >= 120
+    finally:
+        dog.done.set()
+        dog.join(5)
+    assert not dog.is_alive()
+
+
+def test_watchdog_stays_quiet_while_the_run_progresses() -> None:
+    metrics = Metrics()
+    reported: list[float] = []
+    dog = Watchdog(metrics, timeout=1.0, on_hang=reported.append)  # checks every 0.25 s
+    dog.start()
+    try:
+        for step in range(30):  # a step every 0.05 s for 1.5 s: several checks, none idle for 1 s
+            metrics.train_step(epoch=0, step=step, loss=1.0, lr=1e-3, seconds=0.01, tokens=64)
+            dog.done.wait(0.05)
+    finally:
+        dog.done.set()
+        dog.join(5)
+    assert reported == []
