@@ -90,6 +90,13 @@ def _structural(node: Any, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         if key == "const":  # a one-value Literal; Kubernetes schemas know no `const`, only `enum`
             out["enum"] = [value]
             continue
+        if key == "patternProperties":
+            # A mapping with constrained keys. Kubernetes schemas have no patternProperties: the
+            # values keep their schema, the key pattern is checked by the models (optrun validate).
+            if len(value) != 1:
+                raise ValueError(f"cannot express several key patterns in a CRD schema: {sorted(value)}")
+            out["additionalProperties"] = _structural(next(iter(value.values())), defs, models)
+            continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs, models) for name, sub in value.items()}
             continue
