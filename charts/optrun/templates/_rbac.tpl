@@ -1,33 +1,29 @@
 {{/*
-The operator's RBAC rules: exactly those of optrun/operator/rbac.py (a test compares the
-rendered rules with that module). Each rule's why is written there.
+The operator's RBAC rules: exactly optrun/operator/rbac.py RULES, where each rule's why is
+written (a test compares the rendered rules with that module). The same rules serve the
+ClusterRole (every namespace) and each namespace's Role; in a Role the cluster-scoped
+clusterkopfpeerings grant nothing.
 */}}
-
-{{/* Rules on namespaced resources: in a Role per watched namespace, or in the ClusterRole. */}}
-{{- define "optrun.rules.namespaced" -}}
+{{- define "optrun.rules" -}}
 - apiGroups: ["optrun.io"]
   resources: ["optimizationruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["optrun.io"]
   resources: ["optimizationruns/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
+- apiGroups: ["optrun.io"]
+  resources: ["optimizationruns/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
-{{- end }}
-
-{{/* Rules on cluster-scoped resources: only when the operator watches every namespace. */}}
-{{- define "optrun.rules.cluster" -}}
-- apiGroups: ["kopf.dev"]
-  resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  resources: ["clusterkopfpeerings", "kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
