@@ -239,7 +239,7 @@ def _optional(ctx: RunContext, key: str, fn: Callable[[], object]) -> None:
     """An optimization stage that crashes is recorded (its acceptance tests then fail), not fatal."""
     try:
         fn()
-    except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:
+    except Exception as exc:  # any crash (a TypeError too) must end in the report, never lose it
         log.error("stage %s failed: %s", key, traceback.format_exc())
         ctx.results.setdefault(key, {})["error"] = f"{type(exc).__name__}: {exc}"
 

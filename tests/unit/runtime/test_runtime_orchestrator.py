@@ -123,3 +123,14 @@ def test_watchdog_stays_quiet_while_the_run_progresses() -> None:
         dog.done.set()
         dog.join(5)
     assert reported == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("cuda error"), TypeError("bad call"), KeyError("missing")])
+def test_crashed_optional_stage_is_recorded_not_fatal(tmp_path: Path, error: Exception) -> None:
+    ctx = run_context(small_spec(), tmp_path)
+
+    def stage() -> None:
+        raise error
+
+    orchestrator._optional(ctx, "rlvr", stage)
+    assert ctx.results["rlvr"]["error"] == f"{type(error).__name__}: {error}"
