@@ -223,3 +223,21 @@ def test_quantized_tinylm_keeps_perplexity_and_greedy_outputs(trained, codec, pp
     assert abs(res["perplexityRise"]) < ppl_tol, res
     assert res["greedyAgreement"] >= min_agree, res
     assert math.isclose(res["quantizedPerplexity"], math.exp(res["quantizedLoss"]))
+
+
+def test_triton_int4_kernel_agrees_whether_scales_apply_per_tile_or_per_element(interpreted):
+    from optrun.runtime.compression import dequant_kernels
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 96, generator=g), torch.randn(40, 96, generator=g)
+    c = get_codec("int4", group_size=16)
+    p = c.encode(w)
+    ref = F.linear(x, c.decode(p))
+    dev = interpreted
+    args = (x.to(dev), p.tensors["packed"].to(dev), p.tensors["scale"].to(dev), 16, None)
+    # K step 16: each half-tile (8 bytes) lies inside a group of 16, the scales multiply the dot;
+    # K step 64: half-tiles span groups, every element is scaled before the dot.
+    in_group = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 16)).cpu()
+    per_element = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 64)).cpu()
+    for y in (in_group, per_element):
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), _where(y, ref)
