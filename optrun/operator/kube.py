@@ -45,13 +45,18 @@ class ApiError(Exception):
         return self.code == 0 or self.code == 429 or self.code >= 500
 
 
-def load_client(timeout: float) -> Kube:
-    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+def load_client(timeout: float, *, connections: int) -> Kube:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG).
+
+    `connections`: the pool size; at least the number of handler threads, or every thread beyond
+    the pool opens (and then discards) a TLS connection of its own per request."""
+    configuration = k8s.Configuration()
     try:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except ConfigException:
-        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return Kube(k8s.ApiClient(), timeout=timeout)
+        k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = connections
+    return Kube(k8s.ApiClient(configuration), timeout=timeout)
 
 
 class Kube:
@@ -158,17 +163,19 @@ class Kube:
             if err.code != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: JSON, resource_version: str | None) -> JSON:
-        """Merge-patch the run's status; with `resource_version`, only if nobody wrote in between (409)."""
-        body: JSON = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
+    def replace_status(self, namespace: str, name: str, status: JSON, *, uid: str) -> JSON:
+        """Write the run's whole status, only on the run with this uid: a JSON patch whose first
+        operation tests metadata.uid, so a run deleted and created again under the same name
+        (422) never gets its predecessor's status."""
         return self.request(
             "PATCH",
             f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{namespace}/{api.PLURAL}/{name}/status",
             resource=f"{api.PLURAL}/status",
-            body=body,
-            content_type="application/merge-patch+json",
+            body=[
+                {"op": "test", "path": "/metadata/uid", "value": uid},
+                {"op": "add", "path": "/status", "value": status},
+            ],
+            content_type="application/json-patch+json",
         )
 
     def get_run(self, namespace: str, name: str) -> JSON | None:

@@ -35,7 +35,6 @@ RUNS = (api.GROUP, api.VERSION, api.PLURAL)
 PODS = ("v1", "pods")
 PREFIX = api.GROUP  # our own annotation prefix: optrun.io/...
 FINALIZER = f"{api.GROUP}/operator"
-LIVE_PHASES = ("Pending", "Running", "Recovering")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -179,12 +178,20 @@ def on_timer(
 
 
 def needs_a_look(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
-    """The timer runs for runs in progress (gates, deadline, progress) and for finished runs that
-    wait for their TTL; the others cost nothing."""
+    """Which runs the timer looks at: those that change without an event telling the operator.
+
+    A running pod's progress and its live gates (hang, recovery budget) are only seen by looking;
+    so are the deadline of a run waiting for a pod, a pod creation the API server refused (tried
+    again), and the TTL of a finished run. Everything else reaches the operator as an event of
+    the run or of its pod. Runs without a live timer carry no kopf finalizer: creating a
+    thousand runs costs no thousand finalizer patches (see docs/operator.md)."""
     phase = status.get("phase")
-    return phase in LIVE_PHASES or (
-        phase in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is not None
-    )
+    if phase in ("Running", "Recovering"):
+        return True
+    if phase == "Pending":
+        scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "Scheduled"), {})
+        return spec.get("activeDeadlineSeconds") is not None or scheduled.get("reason") == "PodCreateFailed"
+    return phase in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is not None
 
 
 def on_pod_event(
@@ -264,7 +271,7 @@ def run(argv: Sequence[str]) -> int:
         # kopf logs every handler and timer run per object at INFO: at a thousand runs that is the
         # whole log. Its warnings and errors stay.
         logging.getLogger("kopf").setLevel(logging.WARNING)
-    kube = load_client(cfg.api_timeout_seconds)
+    kube = load_client(cfg.api_timeout_seconds, connections=cfg.workers + 4)
     memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube))
     kopf.run(
         registry=build_registry(cfg),

@@ -109,7 +109,7 @@ class Plan:
 
     create: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     delete_pods: list[str] = dataclasses.field(default_factory=list)
-    status: dict[str, Any] | None = None  # a merge patch of .status (None: unchanged)
+    status: dict[str, Any] | None = None  # the whole new .status (None: unchanged, nothing to write)
     events: list[Event] = dataclasses.field(default_factory=list)
     delete_run: bool = False
     notes: list[Note] = dataclasses.field(default_factory=list)
@@ -189,9 +189,7 @@ class _Reconciler:
         old = self.old.model_dump(mode="json", by_alias=True, exclude_none=True)
         new = self.new.model_dump(mode="json", by_alias=True, exclude_none=True)
         if new != old:
-            patch: dict[str, Any] = {k: None for k in old if k not in new}
-            patch.update({k: v for k, v in new.items() if old.get(k) != v})
-            self.out.status = patch
+            self.out.status = new
         seen: set[str] = set()
         for e in [*self.events_out, *status.transition_events(self.old, self.new)]:
             if e.reason not in seen:

@@ -338,6 +338,20 @@ class Runs:
     def event_reasons(self, name: str) -> list[str]:
         return [e.reason for e in self.events(name)]
 
+    def wait_events(self, name: str, *reasons: str, timeout: float = 15) -> list[str]:
+        """The run's Event reasons, once all of `reasons` are among them (they are posted in the
+        background, a moment after the status that caused them)."""
+
+        def posted() -> list[str] | None:
+            got = self.event_reasons(name)
+            return got if set(reasons) <= set(got) else None
+
+        return wait_for(
+            posted,
+            timeout=timeout,
+            message=lambda: f"events {reasons} of {name}; have {self.event_reasons(name)}",
+        )
+
     def wait_pod_phase(self, pod: str, *phases: str, timeout: float = 60) -> Any:
         def reached() -> Any:
             p = self.core.read_namespaced_pod(pod, self.namespace)
@@ -359,6 +373,18 @@ class Runs:
 def runs(kube: Any, namespace: str) -> Iterator[Runs]:
     view = Runs(kube, namespace)
     yield view
+    # The runs carry the operator's finalizer while a timer is live; with the operator stopped
+    # first, they would hold the namespace in Terminating for ever. Release them here.
+    for item in view.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        with contextlib.suppress(ApiException):
+            view.objects.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                item["metadata"]["name"],
+                {"metadata": {"finalizers": None}},
+            )
     # Leave no runtime process behind to hold the shared metrics port for the next test.
     for pod in view.core.list_namespaced_pod(namespace, label_selector="optrun.io/run").items:
         with contextlib.suppress(ApiException):

@@ -176,14 +176,10 @@ def observe(
 
 
 def applied(run: dict[str, Any], plan: Any) -> dict[str, Any]:
-    """The run after the API server applied the plan's status merge patch."""
+    """The run after the API server applied the plan's status write."""
     new = copy.deepcopy(run)
-    status = new.setdefault("status", {})
-    for key, value in (plan.status or {}).items():
-        if value is None:
-            status.pop(key, None)
-        else:
-            status[key] = copy.deepcopy(value)
+    if plan.status is not None:
+        new["status"] = copy.deepcopy(plan.status)
     new["metadata"]["resourceVersion"] = str(int(new["metadata"]["resourceVersion"]) + 1)
     return new
 
