@@ -6,8 +6,8 @@ Activations stay in their dtype. Paths:
 
 - int8 / int4 on CUDA: the Triton dequant-matmul kernels of `dequant_kernels` (weights are
   dequantized tile by tile in registers, never materialised).
-- int8 on a CPU with fp32 activations: torch's `_weight_int8pack_mm` (the CPU kernel torchao
-  uses for int8 weight-only).
+- int8 on a CPU, decoding (one or two fp32 rows) against a large weight: torch's
+  `_weight_int8pack_mm` (the CPU kernel torchao uses for int8 weight-only).
 - every other case: dequantize the weight, then F.linear (the reference all paths match).
 
 `quantize_model(model, codec, max_error)` copies a model and swaps each nn.Linear whose weight
@@ -117,14 +117,26 @@ class QuantizedLinear(nn.Module):
         return self.codec.group_size
 
 
+# torch's CPU int8 kernel loops over rows: it beats dequantizing only for a row or two against a
+# large weight (decoding), and loses badly beyond (measured on a 2-core EPYC: 4096 x 4096, one
+# row: 4x faster than dequantize + linear; 16 rows, or any 128-wide layer: many times slower).
+INT8PACK_MAX_ROWS = 2
+INT8PACK_MIN_WEIGHTS = 1 << 20
+
+
 def int8_linear_torch(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x @ (q * scale[:, None])^T (+ bias) without a GPU kernel.
 
-    On a CPU with fp32 activations, torch's `_weight_int8pack_mm` multiplies by the int8 weight
-    directly (no dequantized copy: 4x faster than dequantizing per call on a 4096 x 4096 layer).
-    Only fp32: in torch 2.13 its bf16 kernel crashes (SIGSEGV) when K is not a multiple of 32.
-    Everywhere else the dequantize-then-linear reference serves."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    For one or two fp32 rows on a CPU against a large weight, torch's `_weight_int8pack_mm`
+    multiplies by the int8 weight directly, with no dequantized copy. Only fp32: in torch 2.13
+    its bf16 kernel crashes (SIGSEGV) when K is not a multiple of 32. Everywhere else the
+    dequantize-then-linear reference serves."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[0] <= INT8PACK_MAX_ROWS
+        and q.numel() >= INT8PACK_MIN_WEIGHTS
+    ):
         try:
             y = torch._weight_int8pack_mm(x.contiguous(), q, scale)
         except (RuntimeError, NotImplementedError):  # a build without the op

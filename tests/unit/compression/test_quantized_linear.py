@@ -62,10 +62,13 @@ def test_quantized_linear_output_is_close_to_the_float_layer(codec, bound):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_torch_path_matches_the_dequantize_reference_for_each_dtype(dtype):
-    w = torch.randn(33, 40)
+@pytest.mark.parametrize(("m", "n", "k"), [(7, 33, 40), (1, 1024, 1024), (2, 1024, 1030)])
+def test_int8_torch_path_matches_the_dequantize_reference_for_each_dtype(dtype, m, n, k):
+    # (1, 1024, 1024) and (2, 1024, 1030) take torch's int8 kernel in fp32; the rest dequantize.
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g)
     p = get_codec("int8").encode(w)
-    x = torch.randn(7, 40).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
     y = int8_linear_torch(x, p.tensors["q"], p.tensors["scale"], None)
     ref = F.linear(x.float(), p.tensors["q"].float() * p.tensors["scale"][:, None])
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
@@ -230,14 +233,14 @@ def test_triton_int4_kernel_agrees_whether_scales_apply_per_tile_or_per_element(
 
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(4, 96, generator=g), torch.randn(40, 96, generator=g)
-    c = get_codec("int4", group_size=16)
+    c = get_codec("int4", group_size=32)
     p = c.encode(w)
     ref = F.linear(x, c.decode(p))
     dev = interpreted
-    args = (x.to(dev), p.tensors["packed"].to(dev), p.tensors["scale"].to(dev), 16, None)
-    # K step 16: each half-tile (8 bytes) lies inside a group of 16, the scales multiply the dot;
-    # K step 64: half-tiles span groups, every element is scaled before the dot.
-    in_group = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 16)).cpu()
-    per_element = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 64)).cpu()
+    args = (x.to(dev), p.tensors["packed"].to(dev), p.tensors["scale"].to(dev), 32, None)
+    # K step 32: each half-tile (16 bytes) lies inside a group of 32, the scales multiply the dot;
+    # K step 128: half-tiles span groups, every element is scaled before the dot.
+    in_group = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 32)).cpu()
+    per_element = dequant_kernels.int4_matmul(*args, config=dequant_kernels.Config(16, 32, 128)).cpu()
     for y in (in_group, per_element):
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4), _where(y, ref)
