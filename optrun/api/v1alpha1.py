@@ -207,6 +207,31 @@ class RLVR(Spec):
         200, ge=0, le=100_000, description="Supervised warm-up steps on the task family before RL (reported)."
     )
     max_digits: int = Field(2, ge=1, le=9, description="Largest operand size, in digits.")
+    warmup_learning_rate: float = Field(
+        3.0e-3, gt=0.0, le=1.0, description="Learning rate of the supervised warm-up (AdamW)."
+    )
+    warmup_batch_size: int = Field(64, ge=1, le=4096, description="Problems per supervised warm-up step.")
+    rewards: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")], Annotated[float, Field(ge=0.0, le=100.0)]
+    ] = Field(
+        default_factory=lambda: {"exact-match": 1.0, "format": 0.1},
+        min_length=1,
+        description=(
+            "Reward functions by registered name (built in: exact-match, format) and their weights; "
+            "the reward of a completion is the weighted sum."
+        ),
+    )
+    clip_epsilon: float = Field(0.2, gt=0.0, le=1.0, description="PPO clip range of the probability ratio.")
+    updates_per_batch: int = Field(
+        2, ge=1, le=16, description="Policy updates per sampled batch (with 1 the clip is inert)."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature of the group completions.")
+    eval_problems: int = Field(
+        500, ge=10, le=100_000, description="Held-out problems the accuracy before and after RL is measured on."
+    )
+    max_kl: float = Field(
+        0.5, gt=0.0, le=100.0, description="Largest mean per-token KL to the reference (nats) the acceptance test allows."
+    )
 
 
 # --- safety ---------------------------------------------------------------------------------

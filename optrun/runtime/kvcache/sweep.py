@@ -15,7 +15,7 @@ and the ratios of each to the full-precision cache (the model's parameter dtype)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,13 @@ def run_sweep(
     prompt_tokens: Tensor | None = None,
     repeats: int = 3,
     warmup: int = 1,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every cell; returns {"rows": [...], "reference": dtype, "skipped": [...], ...}.
 
     Contexts longer than the model's max_seq_len are skipped (and listed), as are dtypes the
-    device cannot store. Each row carries ratios to the reference (full-precision) cache."""
+    device cannot store. Each row carries ratios to the reference (full-precision) cache;
+    `on_row` sees each row as soon as it is measured."""
     cfg = model.cfg
     device = next(model.parameters()).device
     for d in dtypes:
@@ -185,6 +187,8 @@ def run_sweep(
                     row["largest_batch"],
                 )
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return {
         "reference": reference,
         "dtypes": order,

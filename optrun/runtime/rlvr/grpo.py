@@ -1,0 +1,287 @@
+"""GRPO: group-relative policy optimization with verifiable rewards (Shao et al., 2024,
+"DeepSeekMath", section 4.1; the same objective as TRL's GRPOTrainer).
+
+Each step draws `prompts_per_step` training problems and samples `group_size` completions for
+each with the KV-cached generator (temperature 1). Rewards come from the verifiable reward
+functions; a completion's advantage is its reward relative to its own group,
+    A_i = (r_i - mean(r)) / (std(r) + eps)            (std unbiased, as TRL computes it)
+so no value model is needed, and a group whose completions all score alike teaches nothing.
+The policy then takes `updates_per_batch` gradient steps on the clipped surrogate with a KL
+penalty to the frozen reference policy (the policy before RL), per completion token t:
+    L_t = -[ min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) - beta * KL_t ],
+    rho_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t),
+    KL_t = pi_ref / pi - log(pi_ref / pi) - 1          (Schulman's k3 estimator: unbiased, >= 0)
+averaged over each completion's tokens, then over completions (DeepSeekMath eq. 3). With one
+update per batch rho = 1 and the clip is inert (TRL's default); with more, the clip bounds how
+far later updates move from the sampling policy. beta = 0 drops the reference entirely.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optrun.runtime.data import EOS
+from optrun.runtime.kvcache.generate import generate
+from optrun.runtime.rlvr.rewards import Completion, combined, exact_match, format_reward
+from optrun.runtime.rlvr.tasks import Problem, Task, encode_answers, encode_prompts, sample
+
+log = logging.getLogger(__name__)
+
+
+# -- the maths ------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """(P, G) rewards -> (P, G) advantages (r - group mean) / (group std + eps)."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be shaped (prompts, group >= 2), got {tuple(rewards.shape)}")
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def completion_logprobs(model: nn.Module, tokens: Tensor, prompt_len: int) -> Tensor:
+    """Log-probs (B, N) of the completion tokens tokens[:, P:] under `model`."""
+    logits = model(tokens[:, :-1])[:, prompt_len - 1 :]  # (B, N, V): position t predicts t + 1
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_epsilon: float,
+    kl_coefficient: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """The clipped GRPO objective (to minimise) and its statistics; see the module doc.
+
+    logp, old_logp, ref_logp, mask: (B, N); advantages: (B,). ref_logp may be None when
+    kl_coefficient is 0."""
+    m = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    surrogate = torch.min(ratio * a, ratio.clamp(1.0 - clip_epsilon, 1.0 + clip_epsilon) * a)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = -(surrogate - kl_coefficient * kl)
+    per_seq = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    tokens = m.sum().clamp_min(1.0)
+    clipped = ((ratio - 1.0).abs() > clip_epsilon).float()
+    stats = {
+        "kl": float((kl.detach() * m).sum() / tokens),
+        "clip_fraction": float((clipped * m).sum() / tokens),
+    }
+    return per_seq.mean(), stats
+
+
+# -- completions and evaluation ---------------------------------------------------------------
+
+
+def to_completions(completions: Tensor, lengths: Tensor) -> list[Completion]:
+    """Generated rows (B, N) and their lengths -> Completion records (text before EOS)."""
+    out = []
+    for row, n in zip(completions.tolist(), lengths.tolist(), strict=True):
+        toks = row[:n]
+        terminated = bool(toks) and toks[-1] == EOS
+        body = toks[:-1] if terminated else toks
+        # Special tokens inside a completion are not text: mark them so no answer matches.
+        text = "".join(
+            chr(t) if t < 128 else ("\ufffd" if t >= 256 else bytes([t]).decode("latin-1")) for t in body
+        )
+        out.append(Completion(text=text, terminated=terminated, length=n))
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, problems: list[Problem], task: Task, max_digits: int, batch_size: int = 256
+) -> dict[str, float]:
+    """Greedy exact-match accuracy (pass@1), format rate and mean length on `problems`."""
+    device = next(model.parameters()).device
+    exact = combined({"exact-match": 1.0, "format": 1.0})
+    hits = fmt = length = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        prompts = encode_prompts(chunk, task, max_digits).to(device)
+        gen = generate(model, prompts, task.max_new_tokens(max_digits))
+        for p, c in zip(chunk, to_completions(gen.completions, gen.lengths), strict=True):
+            _, parts = exact(p, c)
+            hits += parts["exact-match"]
+            fmt += parts["format"]
+            length += c.length
+    n = max(len(problems), 1)
+    return {
+        "accuracy": hits / n,
+        "format_rate": fmt / n,
+        "mean_length": length / n,
+        "problems": len(problems),
+    }
+
+
+# -- supervised warm-up -------------------------------------------------------------------------
+
+
+def supervised_warmup(
+    model: nn.Module,
+    task: Task,
+    max_digits: int,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    rng: random.Random,
+) -> list[float]:
+    """Teacher-forced next-token training on prompt -> answer + EOS (loss on the answer only).
+
+    The warm-up is what teaches the byte-level model the answer format; it is reported as such."""
+    device = next(model.parameters()).device
+    width = task.max_new_tokens(max_digits)
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        problems = sample(task, batch_size, max_digits, rng)
+        prompts = encode_prompts(problems, task, max_digits)
+        answers, mask = encode_answers(problems, width)
+        tokens = torch.cat((prompts, answers), dim=1).to(device)  # (B, P + A)
+        targets = torch.full_like(tokens, -100)
+        p = prompts.shape[1]
+        # Position t predicts token t + 1: the last prompt position predicts the first answer byte.
+        targets[:, p - 1 : -1] = torch.where(
+            mask.to(device), answers.to(device), torch.full_like(answers.to(device), -100)
+        )
+        loss = model.loss(tokens, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+# -- the GRPO loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 60
+    group_size: int = 8
+    prompts_per_step: int = 8
+    learning_rate: float = 1e-4
+    kl_coefficient: float = 0.04
+    clip_epsilon: float = 0.2
+    updates_per_batch: int = 2
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+
+
+class GRPO:
+    """The GRPO loop for one policy; `reference` is a frozen copy of the policy before RL."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        task: Task,
+        max_digits: int,
+        rewards: dict[str, float],
+        config: GRPOConfig,
+        seed: int,
+    ) -> None:
+        self.policy, self.task, self.max_digits, self.cfg = policy, task, max_digits, config
+        self.device = next(policy.parameters()).device
+        self.reference: nn.Module | None = None
+        if config.kl_coefficient > 0:
+            self.reference = copy.deepcopy(policy).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.score = combined(rewards)
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.opt = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+
+    def step(self) -> dict[str, Any]:
+        """One GRPO step: sample groups, score, compute advantages, update; returns its log."""
+        started = time.monotonic()
+        c = self.cfg
+        problems = sample(self.task, c.prompts_per_step, self.max_digits, self.rng)
+        prompts = encode_prompts(problems, self.task, self.max_digits).repeat_interleave(c.group_size, dim=0)
+        gen = generate(
+            self.policy,
+            prompts.to(self.device),
+            self.task.max_new_tokens(self.max_digits),
+            temperature=c.temperature,
+            generator=self.gen,
+        )
+        completions = to_completions(gen.completions, gen.lengths)
+        rewards, exact, fmt = [], [], []
+        for i, comp in enumerate(completions):
+            problem = problems[i // c.group_size]
+            total, _ = self.score(problem, comp)
+            rewards.append(total)
+            exact.append(exact_match(problem, comp))
+            fmt.append(format_reward(problem, comp))
+        r = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+        adv = group_advantages(r.view(c.prompts_per_step, c.group_size)).flatten()
+        n = gen.completions.shape[1]
+        mask = torch.arange(n, device=self.device)[None, :] < gen.lengths[:, None]  # (B, N)
+        tokens = gen.tokens
+        p = gen.prompt_len
+        with torch.no_grad():
+            old = completion_logprobs(self.policy, tokens, p)
+            ref = completion_logprobs(self.reference, tokens, p) if self.reference is not None else None
+        self.policy.train()
+        stats: dict[str, float] = {}
+        loss = torch.zeros(())
+        for _ in range(c.updates_per_batch):
+            logp = completion_logprobs(self.policy, tokens, p)
+            loss, stats = grpo_loss(
+                logp, old, ref, adv, mask, clip_epsilon=c.clip_epsilon, kl_coefficient=c.kl_coefficient
+            )
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.grad_clip)
+            self.opt.step()
+        self.policy.eval()
+        return {
+            "reward_mean": float(r.mean()),
+            "pass_at_1": sum(exact) / len(exact),
+            "format_rate": sum(fmt) / len(fmt),
+            "kl": stats.get("kl", 0.0),
+            "clip_fraction": stats.get("clip_fraction", 0.0),
+            "completion_length": float(gen.lengths.float().mean()),
+            "loss": float(loss.detach()),
+            "groups_with_signal": int((r.view(c.prompts_per_step, c.group_size).std(dim=1) > 0).sum()),
+            "seconds": time.monotonic() - started,
+        }
+
+    def train(self, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        curve = []
+        for i in range(self.cfg.steps):
+            entry = {"step": i + 1, **self.step()}
+            if not math.isfinite(entry["loss"]):
+                raise RuntimeError(f"GRPO loss is not finite at step {i + 1}: {entry['loss']}")
+            curve.append(entry)
+            if on_step is not None:
+                on_step(i + 1, entry)
+        return curve
