@@ -19,7 +19,8 @@ Default ranges per device class (`DEFAULT_RANGES`; `spec.acceptance.speedups` re
 range entirely). They are starting points to be calibrated with `benchmarks/kernels.py` figures:
 - cpu: auto kernel selection may keep eager everywhere (Triton is no candidate on a CPU), so the
   kernels speedup is about 1.0x: the range asks for no slowdown beyond the noise of a shared
-  host (0.8) and flags an implausible gain (above 2.0). Weight compression targets memory,
+  host (0.7: on a loaded 2-core machine two identical models were measured 0.83x apart) and
+  flags an implausible gain (above 2.0). Weight compression targets memory,
   not CPU speed (dequantisation costs time): only a floor against a pathological slowdown
   (0.2). A KV cache must beat recomputing the prefix (>= 1.0).
 - a100, h100, h200, l40s, a10, l4, gpu (any other CUDA device): the kernels are selected only
@@ -78,7 +79,7 @@ _GPU: dict[str, tuple[float | None, float | None]] = {
 }
 DEFAULT_RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "cpu": {
-        "kernels": (0.8, 2.0),
+        "kernels": (0.7, 2.0),
         "compression": (0.2, None),
         "kernels+compression": (0.2, None),
         "kvcache": (1.0, None),
