@@ -122,14 +122,16 @@ def _lifecycle(
     manifest.write_text(yaml.safe_dump(shrunk_quickstart("quickstart")))
     kubectl("apply", "-n", ns, "-f", str(manifest))
 
-    def decided() -> dict[str, Any] | None:
+    def ended() -> dict[str, Any] | None:
         status = _json(kubectl, "get", "optrun", "quickstart", "-n", ns).get("status") or {}
-        return status if status.get("decision") else None
+        return status if status.get("decision") or status.get("phase") == "Failed" else None
 
     status = wait_for(
-        decided, timeout=180, interval=1, message=lambda: "a decision; operator log:\n" + operator_log()
+        ended, timeout=180, interval=1, message=lambda: "a decision; operator log:\n" + operator_log()
     )
-    assert status["decision"] in {"GO", "CONDITIONAL_GO", "NO_GO"}
+    assert status.get("decision") in {"GO", "CONDITIONAL_GO", "NO_GO"}, (
+        f"no decision: {status.get('message')}"
+    )
     assert status["acceptance"]["collected"] > 0
     (runtime_pod,) = _json(kubectl, "get", "pods", "-n", ns, "-l", "optrun.io/run=quickstart")["items"]
     node = _json(kubectl, "get", "node", runtime_pod["spec"]["nodeName"])
