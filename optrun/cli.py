@@ -52,14 +52,22 @@ def load_manifest(path: str) -> tuple[str, OptimizationRunSpec]:
     return str(docs[0]["metadata"]["name"]), spec
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _load_or_report(path: str) -> tuple[str, OptimizationRunSpec] | None:
+    """The manifest, or None after printing every problem (one field-named line each)."""
     try:
-        name, spec = load_manifest(args.file)
+        return load_manifest(path)
     except ManifestError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
-        print(f"{args.file}: {len(exc.problems)} error(s); nothing was run", file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} error(s); nothing was run", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.file)
+    if loaded is None:
         return EXIT_INVALID
+    name, spec = loaded
     enabled = [k for k, v in spec.optimizations.model_dump().items() if v.get("enabled")]
     print(
         f"{args.file}: valid OptimizationRun {name!r} (model {spec.workload.model}, "
@@ -93,13 +101,10 @@ def _install_sigterm(stop: threading.Event, grace: float) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        name, spec = load_manifest(args.file)
-    except ManifestError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        print(f"{args.file}: {len(exc.problems)} error(s); nothing was run", file=sys.stderr)
+    loaded = _load_or_report(args.file)
+    if loaded is None:
         return EXIT_INVALID
+    name, spec = loaded
     from optrun.runtime.orchestrator import RunOptions, execute
     from optrun.runtime.training.loop import Interrupted
     from optrun.ui import ConsoleObserver, summary
