@@ -28,7 +28,9 @@ from optrun.runtime.model import build_model, rope_tables
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 CUDA = torch.device("cuda")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# fp32 and bf16 (the training precisions); fp16 shares bf16's code path. Shapes: one odd, one
+# model-sized per kernel, so the whole file compiles few kernels and fits a short GPU lease.
+DTYPES = [torch.float32, torch.bfloat16]
 IDS = lambda d: str(d).removeprefix("torch.")  # noqa: E731
 
 
@@ -56,7 +58,7 @@ def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("shape", [(3, 423, 213), (8, 512, 4096), (2, 256, 8192), (4096, 16384)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 423, 213), (8, 512, 8192)], ids=str)
 def test_rms_norm_on_cuda_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x = randn(*shape, dtype=dtype, scale=3).requires_grad_()
     w = (1 + randn(shape[-1], dtype=torch.float32, scale=0.2, seed=1)).to(dtype).requires_grad_()
@@ -111,9 +113,7 @@ def test_rotary_on_cuda_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize(
-    ("n", "d", "v"), [(3 * 423, 213, 1031), (4096, 2048, 32000), (2048, 4096, 128256)], ids=str
-)
+@pytest.mark.parametrize(("n", "d", "v"), [(3 * 423, 213, 1031), (4096, 2048, 32000)], ids=str)
 def test_fused_linear_cross_entropy_on_cuda_matches_reference(
     n: int, d: int, v: int, dtype: torch.dtype
 ) -> None:
@@ -196,7 +196,9 @@ def test_patched_model_on_cuda_matches_unpatched(precision: str) -> None:
         check(g1[name], g0[name], tol, f"grad {name}")
 
 
-def test_selection_on_cuda_measures_all_three_candidates(tmp_path) -> None:
+def test_selection_on_cuda_measures_triton_against_eager(tmp_path) -> None:
+    # torch.compile is left out (compile_timeout_s=0) to keep this file short: Inductor takes
+    # seconds per operation; benchmarks/kernels.py and the CPU tests exercise the compile path.
     torch.manual_seed(0)
     model = build_model("small-lm").to(CUDA)
     x = torch.randint(0, 256, (8, 512), device=CUDA)
@@ -206,10 +208,10 @@ def test_selection_on_cuda_measures_all_three_candidates(tmp_path) -> None:
         device=CUDA,
         device_name=torch.cuda.get_device_name(),
         cache_path=tmp_path / "c.json",
-        compile_timeout_s=300,
+        compile_timeout_s=0,
     )
     for s in sel.values():
-        assert set(s.times) == {"eager", "compile", "triton"}, s.skipped
+        assert set(s.times) == {"eager", "triton"}, s.skipped
         assert s.choice == min(s.times, key=s.times.__getitem__)
 
 
