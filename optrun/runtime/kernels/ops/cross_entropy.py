@@ -168,7 +168,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     num_warps=warps,
                 )
                 if grad_h is not None:
-                    grad_h[start:end] = z @ w
+                    if grad_h.dtype == cdt:  # straight into place, no temporary
+                        torch.mm(z, w, out=grad_h[start:end])
+                    else:
+                        grad_h[start:end] = z @ w
                 if grad_w is not None:
                     if grad_w.dtype == cdt:
                         grad_w.addmm_(z.t(), h_c)
