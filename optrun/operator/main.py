@@ -271,6 +271,8 @@ def run(argv: Sequence[str]) -> int:
         # kopf logs every handler and timer run per object at INFO: at a thousand runs that is the
         # whole log. Its warnings and errors stay.
         logging.getLogger("kopf").setLevel(logging.WARNING)
+        # ... except when a replica pauses for another or resumes: that is how HA is followed.
+        logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
     kube = load_client(cfg.api_timeout_seconds, connections=cfg.workers + 4)
     memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube))
     kopf.run(

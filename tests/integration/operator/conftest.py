@@ -373,18 +373,17 @@ class Runs:
 def runs(kube: Any, namespace: str) -> Iterator[Runs]:
     view = Runs(kube, namespace)
     yield view
-    # The runs carry the operator's finalizer while a timer is live; with the operator stopped
-    # first, they would hold the namespace in Terminating for ever. Release them here.
+    # Delete the runs first (an operator still running would answer a deleted pod with the next
+    # attempt), releasing the operator's finalizer: with the operator stopped before the namespace
+    # goes, a run holding it would keep the namespace Terminating for ever.
     for item in view.objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        name = item["metadata"]["name"]
         with contextlib.suppress(ApiException):
             view.objects.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                item["metadata"]["name"],
-                {"metadata": {"finalizers": None}},
+                GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"finalizers": None}}
             )
+        with contextlib.suppress(ApiException):
+            view.delete(name)
     # Leave no runtime process behind to hold the shared metrics port for the next test.
     for pod in view.core.list_namespaced_pod(namespace, label_selector="optrun.io/run").items:
         with contextlib.suppress(ApiException):
@@ -394,6 +393,16 @@ def runs(kube: Any, namespace: str) -> Iterator[Runs]:
         timeout=60,
         message="the runtime pods of this test to be gone",
     )
+
+
+def restart_apiserver(cluster: Any) -> float:
+    """Stop the API server (SIGTERM) and start it again on the same port with the same flags;
+    returns the seconds it was away. Uses the harness's own start-up (tests/support/cluster.py)."""
+    proc = cluster.processes.pop("kube-apiserver")
+    started = time.monotonic()
+    proc.stop(10)
+    cluster._start_apiserver(time.monotonic() + 90)
+    return time.monotonic() - started
 
 
 def pvc(kube: Any, namespace: str, name: str = "checkpoints") -> str:

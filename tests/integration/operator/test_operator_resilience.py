@@ -1,0 +1,128 @@
+"""The operator under failure: SIGKILLed at random points of runs' lives, an API server restarted
+under it, and two replicas of which the active one dies."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from tests.integration.operator.conftest import Runs, restart_apiserver, tiny_spec
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+KILLS = 20
+
+
+def one_pod_per_attempt(runs: Runs, name: str) -> None:
+    """The invariant a crash must never break: pods are exactly attempts 1..n of the status, and
+    (nothing fails in these runs) n is 1."""
+    pods = [p.metadata.name for p in runs.pods(name)]
+    assert pods in ([], [f"{name}-attempt-1"]), pods
+    assert runs.status(name).get("attempts", 0) in (0, 1), runs.status(name)
+
+
+@pytest.mark.slow
+def test_operator_sigkilled_20_times_never_makes_a_second_pod_and_every_run_finishes(
+    start_operator: Any, runs: Runs, namespace: str
+) -> None:
+    operator = start_operator(namespace)
+    rng = random.Random(20)  # the kill points are random, and the same on every run of the test
+    names: list[str] = []
+    kills = 0
+    while kills < KILLS or (names and runs.status(names[-1]).get("phase") not in ("Succeeded", "Failed")):
+        # One runtime at a time (they share the host's metrics port): the next run starts when
+        # the previous one is over.
+        if not names or runs.status(names[-1]).get("phase") in ("Succeeded", "Failed"):
+            names.append(f"crash-{len(names)}")
+            runs.create(names[-1])
+            if kills < KILLS and rng.random() < 0.5:
+                # Right after creation: before, during or after the create handler.
+                time.sleep(rng.uniform(0, 0.3))
+                operator.kill()
+                kills += 1
+                for name in names:
+                    one_pod_per_attempt(runs, name)
+                operator.start()
+                continue
+        if kills >= KILLS:
+            runs.wait_phase(names[-1], "Succeeded", "Failed", timeout=180)
+            break
+        time.sleep(rng.uniform(0.2, 3.0))
+        operator.kill()
+        kills += 1
+        for name in names:
+            one_pod_per_attempt(runs, name)
+        operator.start()
+
+    for name in names:
+        status = runs.wait_phase(name, "Succeeded", "Failed", timeout=120)
+        assert status["phase"] == "Succeeded", (name, status.get("message"))
+        assert status["attempts"] == 1 and status.get("failedAttempts", 0) == 0, status
+        one_pod_per_attempt(runs, name)
+        assert status["decision"] in ("GO", "CONDITIONAL_GO"), status
+    assert kills == KILLS and operator.starts == KILLS + 1
+    assert len(names) >= 2, "the kills were spread over several runs"
+
+
+@pytest.mark.slow
+def test_api_server_restarted_during_a_run_the_operator_reconnects_and_the_run_finishes(
+    start_operator: Any, runs: Runs, cluster: Any, namespace: str
+) -> None:
+    operator = start_operator(namespace)
+    runs.create("through-restart", tiny_spec(training={"stepsPerEpoch": 40}))
+    runs.wait_phase("through-restart", "Running")
+    restart_apiserver(cluster)
+    status = runs.wait_phase("through-restart", "Succeeded", "Failed", timeout=180)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["attempts"] == 1
+    assert operator.alive and operator.starts == 1, "the same operator process saw it through"
+    # And it still acts on what happens after the restart.
+    runs.create("after-restart", tiny_spec(resources={"gpus": 16}))
+    wait_for(
+        lambda: runs.pods("after-restart"), timeout=30, message="a pod for a run created after the restart"
+    )
+
+
+def test_standby_replica_takes_over_when_the_active_one_is_killed(
+    start_operator: Any, runs: Runs, kube: Any, namespace: str
+) -> None:
+    lifetime = 6
+    k8s.CustomObjectsApi(kube).create_namespaced_custom_object(  # the chart creates it
+        "kopf.dev",
+        "v1",
+        namespace,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "optrun"}},
+    )
+    settings = {"peering_mode": "mandatory", "peering_lifetime_seconds": lifetime}
+    active = start_operator(namespace, name="replica-a", **settings)
+    standby = start_operator(namespace, name="replica-b", grant=False, **settings)
+    peering = k8s.CustomObjectsApi(kube)
+
+    def both_replicas_keep_alive() -> bool:
+        got = peering.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", "optrun")
+        return len(got.get("status") or {}) == 2
+
+    wait_for(both_replicas_keep_alive, timeout=30, message="both replicas' keep-alives in the KopfPeering")
+
+    # Runs that stay Pending (no runtime needed): only the active replica acts.
+    runs.create("before", tiny_spec(resources={"gpus": 16}))
+    wait_for(lambda: runs.pods("before"), message="the active replica to create the pod")
+    assert "optrun_operator_attempts_total 1.0" in active.metrics()
+    assert "optrun_operator_attempts_total 0.0" in standby.metrics()
+
+    active.kill()
+    killed = time.monotonic()
+    runs.create("after", tiny_spec(resources={"gpus": 16}))
+    wait_for(lambda: runs.pods("after"), timeout=lifetime * 4 + 30, message=standby.tail)
+    takeover = time.monotonic() - killed
+    print(f"takeover after SIGKILL: {takeover:.1f}s (peering lifetime {lifetime}s)")
+    # The new active replica resumed the run it had only watched, without a second pod.
+    assert [p.metadata.name for p in runs.pods("before")] == ["before-attempt-1"]
+    assert runs.status("before")["attempts"] == 1
+    assert "optrun_operator_attempts_total 1.0" in standby.metrics()
