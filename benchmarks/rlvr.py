@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{json.dumps(s)} seed {seed}: pre {r['pre_accuracy']:.3f} -> post {r['post_accuracy']:.3f} "
                 f"({r['improvement']:+.3f}, measurable >= {r['min_improvement']:.3f}), sampled pass@1 "
                 f"{r['pass_at_1_first']:.3f} -> {r['pass_at_1_last']:.3f}, KL {r['kl_final']:.4f}, "
+                f"warm-up steps {r['warmup_steps']}, "
                 f"warm-up {sec['warmup']:.1f}s, RL {sec['rl']:.1f}s, total {sec['total']:.1f}s",
                 flush=True,
             )

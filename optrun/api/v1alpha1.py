@@ -112,18 +112,24 @@ class Compression(Spec):
     rank: int = Field(4, ge=1, le=1024, description="Rank of the low-rank codec.")
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0, description="Fraction of elements the top-k codec keeps.")
     gradient_steps: int = Field(
-        20, ge=3, le=10_000,
+        20,
+        ge=3,
+        le=10_000,
         description=(
             "Optimizer steps of the 2-process data-parallel comparison (target gradients or both), run once with "
             "plain allreduce and once compressed."
         ),
     )
     loss_tolerance: float = Field(
-        0.05, gt=0.0, le=1.0,
+        0.05,
+        gt=0.0,
+        le=1.0,
         description="Largest relative difference of held-out loss, compressed against uncompressed data-parallel run.",
     )
     perplexity_tolerance: float = Field(
-        0.05, gt=0.0, le=10.0,
+        0.05,
+        gt=0.0,
+        le=10.0,
         description="Largest relative rise of held-out perplexity of the weight-quantized model over the float model.",
     )
 
@@ -204,13 +210,28 @@ class RLVR(Spec):
     )
     learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0, description="Policy learning rate.")
     warmup_steps: int = Field(
-        200, ge=0, le=100_000, description="Supervised warm-up steps on the task family before RL (reported)."
+        1000,
+        ge=0,
+        le=100_000,
+        description=(
+            "Most supervised warm-up steps on the task family before RL (reported); fewer when "
+            "warmupTargetAccuracy is reached first."
+        ),
     )
     max_digits: int = Field(2, ge=1, le=9, description="Largest operand size, in digits.")
     warmup_learning_rate: float = Field(
         3.0e-3, gt=0.0, le=1.0, description="Learning rate of the supervised warm-up (AdamW)."
     )
     warmup_batch_size: int = Field(64, ge=1, le=4096, description="Problems per supervised warm-up step.")
+    warmup_target_accuracy: float | None = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Stop the warm-up once greedy exact match on training problems (checked every 25 steps) reaches "
+            "this share, leaving RL a policy that is right often enough to learn from; null: run every warmupStep."
+        ),
+    )
     rewards: dict[
         Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")], Annotated[float, Field(ge=0.0, le=100.0)]
     ] = Field(
@@ -225,12 +246,20 @@ class RLVR(Spec):
     updates_per_batch: int = Field(
         2, ge=1, le=16, description="Policy updates per sampled batch (with 1 the clip is inert)."
     )
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature of the group completions.")
+    temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="Sampling temperature of the group completions."
+    )
     eval_problems: int = Field(
-        500, ge=10, le=100_000, description="Held-out problems the accuracy before and after RL is measured on."
+        500,
+        ge=10,
+        le=100_000,
+        description="Held-out problems the accuracy before and after RL is measured on.",
     )
     max_kl: float = Field(
-        0.5, gt=0.0, le=100.0, description="Largest mean per-token KL to the reference (nats) the acceptance test allows."
+        0.5,
+        gt=0.0,
+        le=100.0,
+        description="Largest mean per-token KL to the reference (nats) the acceptance test allows.",
     )
 
 
@@ -508,7 +537,8 @@ class OptimizationRunStatus(Status):
     speedups: dict[str, float] = Field(default_factory=dict, description="Median speedup per optimization.")
     attempts: int = Field(0, description="Runtime pods started for this run.")
     failed_attempts: int = Field(
-        0, description="Attempts that ended in failure, counted against spec.backoffLimit (suspension is not one)."
+        0,
+        description="Attempts that ended in failure, counted against spec.backoffLimit (suspension is not one).",
     )
     pod_name: str | None = Field(None, description="Current or last runtime pod.")
     start_time: str | None = Field(None, description="When the first attempt started (RFC 3339).")

@@ -2,7 +2,9 @@
 
 Stage entry point `run(ctx, model)` stores `ctx.results["rlvr"]`:
   task, max_digits, seed, policy_init   what was trained, and from what ("fresh": see below)
-  warmup_steps, warmup_loss             the supervised warm-up (reported as such; 0 steps = none)
+  warmup_steps                          supervised warm-up steps taken (reported as such; 0 = none)
+  warmup_max_steps, warmup_target_accuracy, warmup_probe_accuracy ([step, accuracy] checks on
+                                        training problems), warmup_loss
   initial_accuracy                      held-out exact match of the fresh policy, before anything
   pre_accuracy, pre_format_rate         held-out greedy exact match (pass@1) after the warm-up:
                                         the pre-RL policy that GRPO starts from
@@ -36,9 +38,12 @@ from optrun.api.v1alpha1 import RLVR
 from optrun.runtime.context import RunContext
 from optrun.runtime.rlvr.grpo import GRPO, GRPOConfig, evaluate, supervised_warmup
 from optrun.runtime.rlvr.rewards import REWARDS, Completion, register_reward
-from optrun.runtime.rlvr.tasks import TASKS, Problem, get_task, heldout_set
+from optrun.runtime.rlvr.tasks import TASKS, Problem, get_task, heldout_set, sample
 
 log = logging.getLogger(__name__)
+
+# Training problems the warm-up's stopping rule is judged on.
+PROBE_PROBLEMS = 200
 
 __all__ = [
     "REWARDS",
@@ -69,28 +74,27 @@ def train_rlvr(
     problems = heldout_set(task, cfg.eval_problems, cfg.max_digits)
     initial = evaluate(policy, problems, task, cfg.max_digits)
     rng = random.Random(seed)
+    probe = sample(task, PROBE_PROBLEMS, cfg.max_digits, random.Random(seed + 1))  # training split
     t = time.monotonic()
-    losses = (
-        supervised_warmup(
-            policy,
-            task,
-            cfg.max_digits,
-            steps=cfg.warmup_steps,
-            batch_size=cfg.warmup_batch_size,
-            learning_rate=cfg.warmup_learning_rate,
-            rng=rng,
-        )
-        if cfg.warmup_steps
-        else []
+    warm = supervised_warmup(
+        policy,
+        task,
+        cfg.max_digits,
+        steps=cfg.warmup_steps,
+        batch_size=cfg.warmup_batch_size,
+        learning_rate=cfg.warmup_learning_rate,
+        rng=rng,
+        target_accuracy=cfg.warmup_target_accuracy,
+        probe=probe,
     )
     seconds["warmup"] = time.monotonic() - t
     t = time.monotonic()
     pre = evaluate(policy, problems, task, cfg.max_digits)
     seconds["pre_eval"] = time.monotonic() - t
     log.info(
-        "rlvr %s: warm-up %d steps, pre-RL held-out accuracy %.3f (format %.3f)",
+        "rlvr %s: supervised warm-up %d steps, pre-RL held-out accuracy %.3f (format %.3f)",
         cfg.task,
-        cfg.warmup_steps,
+        warm["steps"],
         pre["accuracy"],
         pre["format_rate"],
     )
@@ -130,8 +134,11 @@ def train_rlvr(
         "max_digits": cfg.max_digits,
         "seed": seed,
         "policy_init": "fresh",
-        "warmup_steps": cfg.warmup_steps,
-        "warmup_loss": losses[-1] if losses else None,
+        "warmup_steps": warm["steps"],
+        "warmup_max_steps": cfg.warmup_steps,
+        "warmup_target_accuracy": cfg.warmup_target_accuracy,
+        "warmup_probe_accuracy": warm["probe_accuracy"],
+        "warmup_loss": warm["losses"][-1] if warm["losses"] else None,
         "initial_accuracy": initial["accuracy"],
         "pre_accuracy": pre["accuracy"],
         "pre_format_rate": pre["format_rate"],

@@ -150,16 +150,28 @@ def supervised_warmup(
     batch_size: int,
     learning_rate: float,
     rng: random.Random,
-) -> list[float]:
+    target_accuracy: float | None = None,
+    probe: list[Problem] | None = None,
+    check_every: int = 25,
+) -> dict[str, Any]:
     """Teacher-forced next-token training on prompt -> answer + EOS (loss on the answer only).
 
-    The warm-up is what teaches the byte-level model the answer format; it is reported as such."""
+    The warm-up is what teaches the byte-level model the answer format; it is reported as such.
+    It runs `steps` steps, or stops earlier, at a multiple of `check_every`, once greedy exact
+    match on `probe` (training problems, never held-out ones) reaches `target_accuracy`: the
+    step at which a small model "gets" carrying varies by seed several-fold, and GRPO needs a
+    policy that is right often enough to have signal and wrong often enough to have room.
+    Returns {"steps": taken, "losses": per step, "probe_accuracy": [[step, accuracy], ...]}."""
+    if target_accuracy is not None and not probe:
+        raise ValueError("target_accuracy needs a non-empty probe set of training problems")
     device = next(model.parameters()).device
     width = task.max_new_tokens(max_digits)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    losses = []
-    model.train()
-    for _ in range(steps):
+    losses: list[float] = []
+    checks: list[list[float]] = []
+    step = 0
+    for step in range(1, steps + 1):
+        model.train()
         problems = sample(task, batch_size, max_digits, rng)
         prompts = encode_prompts(problems, task, max_digits)
         answers, mask = encode_answers(problems, width)
@@ -167,17 +179,20 @@ def supervised_warmup(
         targets = torch.full_like(tokens, -100)
         p = prompts.shape[1]
         # Position t predicts token t + 1: the last prompt position predicts the first answer byte.
-        targets[:, p - 1 : -1] = torch.where(
-            mask.to(device), answers.to(device), torch.full_like(answers.to(device), -100)
-        )
+        targets[:, p - 1 : -1] = torch.where(mask, answers, torch.full_like(answers, -100)).to(device)
         loss = model.loss(tokens, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        if target_accuracy is not None and probe and step % check_every == 0:
+            acc = evaluate(model, probe, task, max_digits)["accuracy"]
+            checks.append([step, acc])
+            if acc >= target_accuracy:
+                break
     model.eval()
-    return losses
+    return {"steps": step, "losses": losses, "probe_accuracy": checks}
 
 
 # -- the GRPO loop --------------------------------------------------------------------------------
