@@ -66,7 +66,7 @@ class Recorder:
 
     def add(self, section: str, case: str, metric: str, value: float | int | str) -> None:
         if isinstance(value, float):
-            value = round(value, 6)
+            value = float(f"{value:.6g}")  # six significant digits: microseconds stay visible
         self.rows.append([self.stamp, self.machine, self.device, section, case, metric, value])
 
     def save(self) -> None:
