@@ -139,9 +139,12 @@ def scraped(
             node_agent_values(namespace),
             {
                 "metrics": {
-                    # Scrape often: a tiny run lasts seconds, and its last figures only its last moment.
+                    # Scrape often: a tiny run lasts seconds, and the runtime exports its final
+                    # figures (speedups, pass ratio, score, decision) only in the last fraction of
+                    # a second before it exits (the report stage), so the pods are scraped every
+                    # 100 ms to see them. See the chart README on the PodMonitor interval.
                     "serviceMonitor": {"enabled": True, "interval": "1s", "scrapeTimeout": "1s"},
-                    "podMonitor": {"enabled": True, "interval": "500ms", "scrapeTimeout": "500ms"},
+                    "podMonitor": {"enabled": True, "interval": "100ms", "scrapeTimeout": "100ms"},
                     # One trip is a storm here, so the injected non-finite loss fires the alert.
                     "prometheusRule": {"enabled": True, "gateTripStorm": {"trips": 1}},
                     "dashboard": {"enabled": True},
@@ -255,7 +258,10 @@ def test_every_dashboard_query_returns_data_from_the_scraped_run_and_operator(
         reasons = [ONLY_AFTER_AN_INCIDENT[m] for m in absent if m in ONLY_AFTER_AN_INCIDENT]
         if reasons:
             pytest.skip(f"{panel['title']} {target['refId']}: {'; '.join(reasons)}")
-    assert result, f"{panel['title']} {target['refId']} returned no data: {expr}"
+    assert result, (
+        f"{panel['title']} {target['refId']} returned no data: {expr}\n"
+        f"the run's status: decision {scraped.status.get('decision')}, speedups {scraped.status.get('speedups')}"
+    )
 
 
 def test_dashboard_variables_list_the_run_and_the_operator(scraped: Scraped) -> None:
