@@ -8,6 +8,7 @@ holds the values every install on the test cluster needs, each with the node age
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import socket
 import subprocess
@@ -145,13 +146,10 @@ def apply_crds(kubectl: Any, *paths: Path) -> None:
     for path in paths:
         kubectl("apply", "-f", str(path))
     names = [d["metadata"]["name"] for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+
+    def established(name: str) -> bool:
+        jsonpath = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+        return bool(kubectl("get", "crd", name, "-o", jsonpath).stdout == "True")
+
     for name in names:
-        wait_for(
-            lambda name=name: (
-                kubectl(
-                    "get", "crd", name, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
-                ).stdout
-                == "True"
-            ),
-            message=f"CRD {name} to be Established",
-        )
+        wait_for(functools.partial(established, name), message=f"CRD {name} to be Established")

@@ -26,7 +26,7 @@ CRD = "optimizationruns.optrun.io"
 def shrunk_quickstart(name: str) -> dict[str, Any]:
     """examples/quickstart.yaml cut to a few seconds of CPU: the same manifest, each stage off
     or minimal, one GPU asked for so the chart's GPU product label takes part in scheduling."""
-    run = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    run: dict[str, Any] = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     run["metadata"]["name"] = name
     spec = run["spec"]
     spec["workload"].update(sequenceLength=32, batchSize=4)
@@ -85,14 +85,14 @@ def test_install_run_to_a_decision_upgrade_rolls_the_operator_and_uninstall_clea
 def _lifecycle(
     helm: Helm, kubectl: Any, node_agent: Any, ns: str, release: str, values: dict[str, Any], tmp: Path
 ) -> None:
-    def one_ready_operator() -> dict[str, Any] | None:
+    def one_ready_operator() -> Any:  # the object, or None: not yet
         pods = _operator_pods(kubectl, ns, release)
         return pods[0] if len(pods) == 1 and _ready(pods[0]) else None
 
     def operator_log() -> str:
         pods = _operator_pods(kubectl, ns, release)
         try:
-            return node_agent.container_log(ns, pods[-1]["metadata"]["name"], "operator")[-3000:]
+            return str(node_agent.container_log(ns, pods[-1]["metadata"]["name"], "operator"))[-3000:]
         except (IndexError, FileNotFoundError):
             return f"no operator log; pods: {[p['metadata']['name'] for p in pods]}"
 
@@ -109,7 +109,7 @@ def _lifecycle(
     subject = f"system:serviceaccount:{ns}:{account}"
 
     def can(verb: str, resource: str) -> bool:
-        return (
+        return bool(
             kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", subject, check=False).stdout.strip()
             == "yes"
         )
@@ -122,7 +122,7 @@ def _lifecycle(
     manifest.write_text(yaml.safe_dump(shrunk_quickstart("quickstart")))
     kubectl("apply", "-n", ns, "-f", str(manifest))
 
-    def ended() -> dict[str, Any] | None:
+    def ended() -> Any:  # the object, or None: not yet
         status = _json(kubectl, "get", "optrun", "quickstart", "-n", ns).get("status") or {}
         return status if status.get("decision") or status.get("phase") == "Failed" else None
 
@@ -141,7 +141,7 @@ def _lifecycle(
     upgraded = merged(values, {"operator": {"scrapeIntervalSeconds": 2}, "podAnnotations": {"rolled": "yes"}})
     helm.upgrade(release, ns, upgraded)
 
-    def rolled() -> dict[str, Any] | None:
+    def rolled() -> Any:  # the object, or None: not yet
         pod = one_ready_operator()
         return pod if pod and pod["metadata"]["uid"] != first["metadata"]["uid"] else None
 

@@ -174,7 +174,7 @@ def scraped(
             f.flush()
             kubectl("apply", "-n", namespace, "-f", f.name)
 
-        def ended() -> dict[str, Any] | None:
+        def ended() -> Any:  # the object, or None: not yet
             run = api.get(f"/apis/optrun.io/v1alpha1/namespaces/{namespace}/optimizationruns/{RUN}")
             status = run.get("status") or {}
             return status if status.get("decision") or status.get("phase") == "Failed" else None
