@@ -213,9 +213,9 @@ def test_suspend_stops_the_pod_keeps_the_checkpoint_and_resume_finishes_the_run(
     runs.patch_spec("paused", {"suspend": True})
     status = runs.wait_phase("paused", "Suspended")
     assert runs.conditions("paused")["Running"]["reason"] == "Suspended"
-    runs.wait_pod_phase("paused-attempt-1", "Failed", "Succeeded")
+    wait_for(lambda: not runs.pods("paused"), timeout=60, message="the suspended run's pod to be gone")
     log = node_agent.container_log(namespace, "paused-attempt-1", "runtime")
-    assert re.search(r"signal 15", log), log[-1500:]
+    assert re.search(r"received signal 15: checkpointing", log), log[-1500:]
 
     runs.patch_spec("paused", {"suspend": False})
     status = runs.wait_phase("paused", "Succeeded", "Failed", timeout=180)
