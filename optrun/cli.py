@@ -147,6 +147,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         attempts=1,
         device=args.device,
         keep_serving=True,
+        metrics_addr=args.metrics_addr,
     )
     _install_sigterm(opts.stop, grace=float(os.environ.get("OPTRUN_TERM_GRACE", "20")))
     try:
@@ -204,6 +205,11 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--output", required=True, help="checkpoint and report directory (the checkpoint volume)")
     rt.add_argument("--name", help="run name (default: metadata.name of the manifest)")
     rt.add_argument("--metrics-port", type=int, default=9090)
+    rt.add_argument(
+        "--metrics-addr",
+        default="0.0.0.0",
+        help="address /metrics listens on (the pod IP where pods share a network namespace)",
+    )
     rt.add_argument("--termination-log", default="/dev/termination-log")
     rt.add_argument("--device", choices=["cpu", "cuda"])
     rt.set_defaults(fn=cmd_runtime)

@@ -90,6 +90,9 @@ class RunOptions:
     output_dir: Path
     name: str = "run"
     metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
+    # A laptop run serves loopback only; the pod listens on every address so Prometheus
+    # and the operator can scrape it at the pod IP.
+    metrics_addr: str = "127.0.0.1"
     attempts: int = 1  # in-process attempts of the train stage (the local run's stand-in for pod retries)
     device: str | None = None
     keep_serving: bool = False  # the pod serves /metrics until the process exits
@@ -141,7 +144,7 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
     out.mkdir(parents=True, exist_ok=True)
     load_suite()
     metrics = Metrics(out / "metrics.jsonl")
-    port = metrics.serve(opts.metrics_port) if opts.metrics_port is not None else None
+    port = metrics.serve(opts.metrics_port, opts.metrics_addr) if opts.metrics_port is not None else None
     if port is not None:
         obs.serving(f"http://127.0.0.1:{port}/metrics")
     hang_events: list[dict[str, Any]] = []
