@@ -17,6 +17,9 @@ Reference: the torch paths in optrun.runtime.compression.quantized_linear (dequa
 F.linear); the tests compare against them. Where a kernel runs: compiled on a CUDA tensor, in
 Triton's interpreter on a CPU tensor when TRITON_INTERPRET=1 (correctness only). The choice is
 made per launch from the tensors' device, not at import, so CPU and GPU tests share a process.
+The bodies call only builtins (`tl.full`, not `tl.zeros`): `tl.zeros` is itself a `@triton.jit`
+function, compiled or interpreted according to TRITON_INTERPRET when triton.language was first
+imported, and a compiled one cannot be called from an interpreted kernel.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _int8_body(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         x = tl.load(
@@ -146,7 +149,7 @@ def _int4_body(
     offs_j = tl.arange(0, BLOCK_KH)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[:, None] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for j0 in range(0, KH, BLOCK_KH):
         jj = j0 + offs_j  # byte column; low nibble is element jj, high nibble element jj + KH
         j_ok = jj[None, :] < KH
