@@ -148,7 +148,7 @@ def test_runtime_killed_mid_training_resumes_from_its_checkpoint_in_a_second_att
     assert first.status.container_statuses[0].state.terminated.exit_code == 137
     log = node_agent.container_log(namespace, "resumed-attempt-2", "runtime")
     resumed_at = [int(s) for s in re.findall(r"resumed from \S+ \(epoch \d+, step (\d+)\)", log)]
-    assert resumed_at and resumed_at[0] >= 10, log[-2000:]
+    assert resumed_at and resumed_at[0] >= 5, log[-2000:]
     reasons = runs.wait_events("resumed", "AttemptStarted", "RuntimeError")
     assert reasons.count("AttemptStarted") == 2
 
