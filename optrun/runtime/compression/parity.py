@@ -46,7 +46,7 @@ def compare(
     seq_len: int = 64,
     batch_size: int = 8,
     batches: int = 4,
-    new_tokens: int = 16,
+    new_tokens: int = 8,
 ) -> dict[str, Any]:
     """Perplexity of both models on the same held-out batches, and their greedy agreement."""
     evals = corpus.eval_batches(seq_len, batch_size, batches)
