@@ -166,7 +166,7 @@ def run(ctx: RunContext, model: nn.Module | None) -> None:
             return
         metrics.rlvr_reward.set(entry["reward_mean"])
         metrics.rlvr_kl.set(entry["kl"])
-        metrics.record("rlvr_step", step=step, **entry)
+        metrics.record("rlvr_step", **{"step": step, **entry})
         metrics.progress()
 
     result = train_rlvr(policy, cfg, seed=ctx.spec.training.seed, on_step=on_step)
