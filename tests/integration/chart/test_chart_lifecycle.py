@@ -29,7 +29,7 @@ def shrunk_quickstart(name: str) -> dict[str, Any]:
     run: dict[str, Any] = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     run["metadata"]["name"] = name
     spec = run["spec"]
-    spec["workload"].update(sequenceLength=32, batchSize=4)
+    spec["workload"].update(sequenceLength=16, batchSize=2)
     spec["optimizations"] = {
         "kernels": {"enabled": False},
         "compression": {"enabled": False},
@@ -37,11 +37,11 @@ def shrunk_quickstart(name: str) -> dict[str, Any]:
     }
     spec["training"] = {
         "epochs": 1,
-        "stepsPerEpoch": 12,
+        "stepsPerEpoch": 8,
         "warmupSteps": 2,
         "evalBatches": 1,
         "targetAccuracy": 0.0,
-        "checkpoint": {"everySteps": 6, "keep": 1},
+        "checkpoint": {"everySteps": 4, "keep": 1},
     }
     spec["rlvr"] = {"enabled": False}
     spec["acceptance"] = {"repeats": 1, "targetPassRate": 0.85, "minimumPassRate": 0.7}

@@ -13,6 +13,7 @@ test's time range, instant panels at its end, the variables resolved from Promet
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import re
 import tempfile
@@ -68,15 +69,15 @@ def run_manifest(name: str) -> dict[str, Any]:
         "kind": "OptimizationRun",
         "metadata": {"name": name},
         "spec": {
-            "workload": {"model": "tiny-lm", "sequenceLength": 16, "batchSize": 2},
+            "workload": {"model": "tiny-lm", "sequenceLength": 8, "batchSize": 1},
             "optimizations": {
                 "kernels": {"enabled": True, "mode": "eager"},
                 "compression": {"enabled": True, "codec": "int8", "target": "weights"},
-                "kvCache": {"enabled": True, "dtype": "int8", "batchSizes": [1], "contextLengths": [16]},
+                "kvCache": {"enabled": True, "dtype": "int8", "batchSizes": [1], "contextLengths": [8]},
             },
             "training": {
                 "epochs": 1,
-                "stepsPerEpoch": 8,
+                "stepsPerEpoch": 6,
                 "warmupSteps": 1,
                 "evalBatches": 1,
                 "checkpoint": {"everySteps": 2, "keep": 1},
@@ -181,18 +182,28 @@ def scraped(
 
         status = wait_for(ended, timeout=300, interval=1, message="the run's decision")
         assert status.get("decision"), f"the run ended without a decision: {status.get('message')}"
-        # The operator's decision counter, after the judge: one more scrape and rule evaluation.
+        # The operator's decision counter, scraped after the judge, then one rule evaluation of
+        # every group after that scrape: the alerts have seen everything the run did.
         wait_for(
             lambda: prom.query(f'optrun_operator_decisions_total{{job="{release}-metrics"}}'),
             message="the operator's decision counter scraped",
         )
-        yield Scraped(prom, namespace, release, start, time.time() + 2, status)
+        seen = time.time()
+        wait_for(lambda: _evaluated_after(prom, seen), message="a rule evaluation after the decision")
+        yield Scraped(prom, namespace, release, start, time.time(), status)
     finally:
         if targets is not None:
             targets.__exit__(None, None, None)
         prom.stop()
         helm.uninstall(release, namespace, check=False)
         api.delete(f"/api/v1/namespaces/{namespace}")
+
+
+def _evaluated_after(prom: Prometheus, moment: float) -> bool:
+    groups = prom.api("rules")["groups"]
+    # lastEvaluation is RFC 3339 with nanoseconds; microseconds are enough here.
+    stamps = [re.sub(r"(\.\d{6})\d*", r"\1", g["lastEvaluation"]).replace("Z", "+00:00") for g in groups]
+    return bool(groups) and all(dt.datetime.fromisoformat(s).timestamp() > moment for s in stamps)
 
 
 # --- the dashboard --------------------------------------------------------------------------
