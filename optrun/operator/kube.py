@@ -97,7 +97,7 @@ class Kube:
                 post_params=post,
                 _request_timeout=self.timeout,
             )
-            data = response.read()
+            data = response.read()  # type: ignore[no-untyped-call]
             status = int(response.status)
         except ApiException as exc:  # no answer at all (connection refused, timeout)
             metrics.API_ERRORS.labels(code="0").inc()

@@ -125,14 +125,19 @@ def index_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]
 # --- handlers: thin, they all converge ----------------------------------------------------------
 
 
+Runs = kopf.Index[str, Any]  # run uid -> the run as last seen
+Pods = kopf.Index[str, Any]  # run uid -> its pods (trimmed)
+
+
+def _indexes(kwargs: Mapping[str, Any]) -> tuple[Runs, Pods]:
+    """kopf passes each index as a keyword named after it."""
+    return kwargs["optrun_runs"], kwargs["optrun_pods"]
+
+
 def _converge(
-    memo: kopf.Memo,
-    body: Mapping[str, Any],
-    trigger: str,
-    runs: kopf.Index[str, Any],
-    pods: kopf.Index[str, Any],
-    **options: Any,
+    memo: kopf.Memo, body: Mapping[str, Any], trigger: str, kwargs: Mapping[str, Any], **options: Any
 ) -> None:
+    runs, pods = _indexes(kwargs)
     uid = str(body["metadata"]["uid"])
     controller: Controller = memo.controller
     try:
@@ -147,34 +152,21 @@ def _converge(
         raise kopf.TemporaryError(str(retry), delay=retry.delay) from None
 
 
-def on_create(
-    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
-) -> None:
-    _converge(memo, body, "create", optrun_runs, optrun_pods)
+def on_create(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    _converge(memo, body, "create", kwargs)
 
 
-def on_resume(
-    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
-) -> None:
-    _converge(memo, body, "resume", optrun_runs, optrun_pods)
+def on_resume(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    _converge(memo, body, "resume", kwargs)
 
 
-def on_update(
-    body: kopf.Body,
-    diff: kopf.Diff,
-    memo: kopf.Memo,
-    optrun_runs: kopf.Index,
-    optrun_pods: kopf.Index,
-    **_: Any,
-) -> None:
+def on_update(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, **kwargs: Any) -> None:
     changes = tuple(".".join(("spec", *map(str, d[1]))) for d in diff)
-    _converge(memo, body, "update", optrun_runs, optrun_pods, spec_changes=changes)
+    _converge(memo, body, "update", kwargs, spec_changes=changes)
 
 
-def on_timer(
-    body: kopf.Body, memo: kopf.Memo, optrun_runs: kopf.Index, optrun_pods: kopf.Index, **_: Any
-) -> None:
-    _converge(memo, body, "timer", optrun_runs, optrun_pods, scrape_metrics=True)
+def on_timer(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    _converge(memo, body, "timer", kwargs, scrape_metrics=True)
 
 
 def needs_a_look(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
@@ -189,19 +181,15 @@ def needs_a_look(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
     if phase in ("Running", "Recovering"):
         return True
     if phase == "Pending":
-        scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "Scheduled"), {})
+        scheduled: Mapping[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Scheduled"), {}
+        )
         return spec.get("activeDeadlineSeconds") is not None or scheduled.get("reason") == "PodCreateFailed"
     return phase in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is not None
 
 
 def on_pod_event(
-    event: kopf.RawEvent,
-    body: kopf.Body,
-    labels: kopf.Labels,
-    memo: kopf.Memo,
-    optrun_runs: kopf.Index,
-    optrun_pods: kopf.Index,
-    **_: Any,
+    event: kopf.RawEvent, body: kopf.Body, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     kind = event.get("type")
     if kind is None:
@@ -210,11 +198,12 @@ def on_pod_event(
     controller: Controller = memo.controller
     if kind == "DELETED":
         controller.cache.remember_pod(uid, body, deleted=True)
-    run = freshest(*iter_store(optrun_runs.get(uid)), controller.cache.run(uid))
+    runs, _ = _indexes(kwargs)
+    run = freshest(*iter_store(runs.get(uid)), controller.cache.run(uid))
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         return
     try:
-        _converge(memo, run, "pod", optrun_runs, optrun_pods)
+        _converge(memo, run, "pod", kwargs)
     except kopf.TemporaryError as err:
         log.info("%s: will look again: %s", body.get("metadata", {}).get("name"), err)
 

@@ -66,7 +66,7 @@ class PodView:
                 schedule_message = scheduled_cond.get("message") or scheduled_cond.get("reason") or ""
         if (pod.get("spec") or {}).get("nodeName"):
             scheduled = True
-        container = next(
+        container: Mapping[str, Any] = next(
             (c for c in status.get("containerStatuses") or [] if c.get("name") == builders.CONTAINER),
             {},
         )

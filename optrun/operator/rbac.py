@@ -89,7 +89,7 @@ RULES: list[Rule] = [
 
 
 def _rules() -> list[dict[str, Any]]:
-    return [{k: list(rule[k]) for k in ("apiGroups", "resources", "verbs")} for rule in RULES]  # type: ignore[literal-required]
+    return [{k: list(rule[k]) for k in ("apiGroups", "resources", "verbs")} for rule in RULES]
 
 
 def manifests(

@@ -486,15 +486,17 @@ class _Reconciler:
         spec = self.obs.run.get("spec") or {}
         ttl = spec.get("ttlSecondsAfterFinished")
         done = parse_time(self.new.completion_time)
-        valid = isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0
-        if valid and done is not None and (self.now - done).total_seconds() >= ttl:
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0 or done is None:
+            return
+        if (self.now - done).total_seconds() >= ttl:
             self.out.delete_run = True
 
     def spec_changes(self) -> None:
         """Events for a spec edit while the run is in progress (see the module docstring)."""
         if not self.obs.spec_changes or self.new.attempts == 0:
             return
-        ignored, deferred = [], []
+        ignored: list[str] = []
+        deferred: list[str] = []
         for path in self.obs.spec_changes:
             rel = path.removeprefix("spec.")
             top = rel.split(".", 1)[0]
