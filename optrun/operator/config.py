@@ -72,6 +72,15 @@ class OperatorConfig(BaseModel):
             "(it writes a judged result) before the operator ends the attempt."
         ),
     )
+    runtime_startup_seconds: float = Field(
+        120.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "Seconds a runtime may take to report its first progress (imports, device detection) before the "
+            "hang gate (spec.safety.hangTimeoutSeconds) applies to it."
+        ),
+    )
     termination_grace_seconds: int = Field(
         60, ge=1, le=3600, description="Runtime pods' terminationGracePeriodSeconds (checkpoint on SIGTERM)."
     )

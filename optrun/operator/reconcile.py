@@ -397,18 +397,22 @@ class _Reconciler:
         return False
 
     def hang_gate(self, n: int, pod: PodView) -> None:
+        """No progress for hangTimeoutSeconds ends the attempt. Before its first progress report a
+        runtime is starting (imports, device detection): it gets runtimeStartupSeconds instead."""
         assert self.run is not None
-        timeout = self.run.spec.safety.hang_timeout_seconds
-        marks = [pod.started_at, parse_time(self.new.progress.updated_at if self.new.progress else None)]
-        known = [m for m in marks if m is not None]
-        if not known:
+        timeout = float(self.run.spec.safety.hang_timeout_seconds)
+        progress = parse_time(self.new.progress.updated_at if self.new.progress else None)
+        if pod.started_at is not None and (progress is None or progress < pod.started_at):
+            since, allowed = pod.started_at, max(timeout, self.cfg.runtime_startup_seconds)
+        elif progress is not None:
+            since, allowed = progress, timeout
+        else:
             return
-        idle = (self.now - max(known)).total_seconds()
-        if idle <= timeout:
+        idle = (self.now - since).total_seconds()
+        if idle <= allowed:
             return
-        message = (
-            f"no progress for {idle:.0f}s (hangTimeoutSeconds {timeout}); the operator ended attempt {n}"
-        )
+        what = "no progress" if since is progress else "no first progress since the runtime started"
+        message = f"{what} for {idle:.0f}s (hangTimeoutSeconds {timeout:g}); the operator ended attempt {n}"
         self.delete(pod)
         self.out.notes.append(Note("gate", "hang"))
         self.new.phase = "Recovering"

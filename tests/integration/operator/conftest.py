@@ -246,6 +246,7 @@ def start_operator(
             "metrics_port": port,
             "health_port": 0,
             "live_gate_grace_seconds": 5,
+            "runtime_startup_seconds": 60,
             "termination_grace_seconds": 30,
             **settings,
         }

@@ -308,12 +308,22 @@ def test_no_progress_for_the_hang_timeout_ends_the_attempt_and_the_retry_says_wh
     assert reasons(plan)[0] == "HangDetected"
 
 
-def test_a_fresh_pod_is_not_hung_before_its_first_progress(cfg: OperatorConfig, pod: PodFactory) -> None:
+def test_a_starting_runtime_gets_the_startup_allowance_before_the_hang_gate(
+    cfg: OperatorConfig, pod: PodFactory
+) -> None:
     spec = copy.deepcopy(SPEC)
     spec["safety"] = {"hangTimeoutSeconds": 30}
     run = started(cfg, spec)
-    plan = rec.reconcile(observe(run, [pod(1, "running", started_seconds_ago=5)]), cfg)
+    # 60 s after start without any progress report: importing, not hung (allowance 120 s).
+    plan = rec.reconcile(observe(run, [pod(1, "running", started_seconds_ago=60)]), cfg)
     assert plan.delete_pods == []
+    plan = rec.reconcile(
+        observe(run, [pod(1, "running", started_seconds_ago=cfg.runtime_startup_seconds + 1)]), cfg
+    )
+    assert plan.delete_pods == ["demo-attempt-1"]
+    running = next(c for c in applied(run, plan)["status"]["conditions"] if c["type"] == "Running")
+    assert (running["reason"], running["status"]) == ("HangDetected", "False")
+    assert running["message"].startswith("no first progress since the runtime started")
 
 
 def test_a_spent_recovery_budget_is_flagged_at_once_and_enforced_after_the_grace(
