@@ -15,6 +15,8 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ $op.runtime.metricsPort | quote }}
 - name: OPTRUN_OPERATOR_TERMINATION_GRACE_SECONDS
   value: {{ $op.runtime.terminationGracePeriodSeconds | quote }}
+- name: OPTRUN_OPERATOR_RUNTIME_STARTUP_SECONDS
+  value: {{ $op.runtime.startupSeconds | quote }}
 - name: OPTRUN_OPERATOR_GPU_RESOURCE
   value: {{ $op.gpu.resource | quote }}
 - name: OPTRUN_OPERATOR_GPU_PRODUCT_LABEL

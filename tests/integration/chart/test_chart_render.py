@@ -213,6 +213,11 @@ def test_rendered_operator_environment_is_a_valid_operator_configuration_with_th
     )
     assert not verbose
 
+    # Every setting of the operator reaches it from the chart, but the one left per replica.
+    left_at_default = {"PRIORITY"}  # peering priority: each replica's start time (config.py)
+    missing = {f.removeprefix(operator_config.ENV_PREFIX) for f in fields - set(env)}
+    assert missing == left_at_default, f"operator settings the chart cannot set: {missing - left_at_default}"
+
     standalone = _operator_env(
         helm.template({"replicaCount": 1, "operator": {"peering": {"enabled": False}}})
     )
