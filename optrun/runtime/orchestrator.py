@@ -368,6 +368,15 @@ def _export(metrics: Metrics, result: Result, ctx: RunContext) -> None:
     metrics.decision.info({"decision": result.decision.value, "risk_level": result.risk_level})
     for key, t in result.speedups.items():
         metrics.speedup.labels(optimization=key).set(t.median)
+    compression = ctx.results.get("compression")
+    if isinstance(compression, dict):
+        ratios = {
+            "weights": (compression.get("weights") or {}).get("ratio"),
+            "gradients": (compression.get("gradients") or {}).get("bytesRatio"),
+        }
+        for target, ratio in ratios.items():
+            if ratio:
+                metrics.compression_ratio.labels(target=target).set(ratio)
 
 
 __all__ = ["LogObserver", "RunOptions", "TinyLM", "execute"]
