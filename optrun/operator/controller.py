@@ -19,8 +19,8 @@ replica, and each write is computed, under the run's lock, from the freshest cop
 has seen, which includes its own last write (the patch's response). A precondition would only
 turn each write that follows one of kopf's own annotation patches into a 409, a GET and a second
 write (measured: 4 in 10 status writes when 200 runs are created at once), for no safety gained.
-Transient API errors (no answer, 429, 5xx) propagate as `Retry`, which the handlers turn into a
-kopf.TemporaryError: kopf retries them with a delay, a timer simply runs again.
+API errors propagate as `Retry` (5 s for no answer, 429 and 5xx; 30 s for a refusal), which the
+handlers turn into a kopf.TemporaryError: kopf retries the handler after that delay.
 """
 
 from __future__ import annotations
@@ -210,9 +210,12 @@ class Controller:
                 observed = self._observe(run, list(indexed_pods), scrape_metrics, spec_changes)
                 self._apply(observed, reconcile.reconcile(observed, self.cfg))
             except ApiError as err:
-                if err.transient:
-                    raise Retry(str(err)) from None
-                raise
+                # No answer, throttling, a server error: soon. A refusal (a 403 from an API server
+                # whose authorizer is still warming up after a restart, or a Role missing a rule)
+                # less often, and loudly: the run waits, the operator keeps trying.
+                if not err.transient:
+                    log.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), err)
+                raise Retry(str(err), delay=5.0 if err.transient else 30.0) from None
             finally:
                 metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
 

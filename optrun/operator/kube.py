@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -102,7 +103,7 @@ class Kube:
         except ApiException as exc:  # no answer at all (connection refused, timeout)
             metrics.API_ERRORS.labels(code="0").inc()
             raise ApiError(0, str(exc.reason or exc), verb=verb, path=path) from None
-        except OSError as exc:
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # refused, reset, retries exhausted
             metrics.API_ERRORS.labels(code="0").inc()
             raise ApiError(0, str(exc), verb=verb, path=path) from None
         try:

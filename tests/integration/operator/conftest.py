@@ -247,7 +247,7 @@ def start_operator(
             "health_port": 0,
             "live_gate_grace_seconds": 5,
             "runtime_startup_seconds": 60,
-            "termination_grace_seconds": 30,
+            "termination_grace_seconds": 15,
             **settings,
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPTRUN_OPERATOR_")}
