@@ -223,6 +223,8 @@ def pod(
             OUTPUT_DIR,
             "--metrics-port",
             str(port),
+            "--metrics-addr",
+            cfg.runtime_metrics_address,
             "--termination-log",
             TERMINATION_LOG,
         ],

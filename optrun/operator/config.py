@@ -56,6 +56,14 @@ class OperatorConfig(BaseModel):
         le=65535,
         description="Port the runtime serves /metrics on (the pod's named port 'metrics').",
     )
+    runtime_metrics_address: str = Field(
+        "0.0.0.0",
+        min_length=1,
+        description=(
+            "Address the runtime's /metrics listens on: 0.0.0.0 (every address of the pod, so kubectl "
+            "port-forward works), or $(POD_IP) where pods share one network namespace."
+        ),
+    )
     scrape_interval_seconds: float = Field(
         10.0,
         gt=0.0,

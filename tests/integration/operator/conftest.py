@@ -9,9 +9,8 @@ its own ServiceAccount with only the chart's RBAC rules, and small helpers over 
   runs            Runs(namespace): create a tiny run, read it, wait for a phase, list its pods
                   and Events
 
-The runtime pods run the real `optrun runtime` under the node agent. Every runtime binds the
-metrics port on all addresses of the (shared) host network, so the tests keep at most one
-runtime pod alive at a time.
+The runtime pods run the real `optrun runtime` under the node agent, where all pods share the
+host's network: the operator tells each runtime to listen on its own pod IP.
 """
 
 from __future__ import annotations
@@ -247,6 +246,8 @@ def start_operator(
             "health_port": 0,
             "live_gate_grace_seconds": 5,
             "runtime_startup_seconds": 60,
+            # Pods share the host's network under the node agent: each runtime listens on its own IP.
+            "runtime_metrics_address": "$(POD_IP)",
             "termination_grace_seconds": 15,
             **settings,
         }
@@ -361,7 +362,7 @@ class Runs:
         return wait_for(reached, timeout=timeout, message=f"pod {pod} to reach {phases}")
 
     def wait_no_live_pods(self, timeout: float = 60) -> None:
-        """Until no runtime pod in the namespace is still running (one runtime at a time, see above)."""
+        """Until no runtime pod in the namespace is still running."""
 
         def settled() -> bool:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector="optrun.io/run").items
@@ -385,7 +386,7 @@ def runs(kube: Any, namespace: str) -> Iterator[Runs]:
             )
         with contextlib.suppress(ApiException):
             view.delete(name)
-    # Leave no runtime process behind to hold the shared metrics port for the next test.
+    # Leave no runtime process behind to compete for the CPU with the next test.
     for pod in view.core.list_namespaced_pod(namespace, label_selector="optrun.io/run").items:
         with contextlib.suppress(ApiException):
             view.core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)

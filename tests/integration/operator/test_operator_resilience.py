@@ -35,8 +35,8 @@ def test_operator_sigkilled_20_times_never_makes_a_second_pod_and_every_run_fini
     names: list[str] = []
     kills = 0
     while kills < KILLS or (names and runs.status(names[-1]).get("phase") not in ("Succeeded", "Failed")):
-        # One runtime at a time (they share the host's metrics port): the next run starts when
-        # the previous one is over.
+        # One runtime at a time (two would share the 2 CPUs and each take twice as long): the
+        # next run starts when the previous one is over.
         if not names or runs.status(names[-1]).get("phase") in ("Succeeded", "Failed"):
             names.append(f"crash-{len(names)}")
             runs.create(names[-1])

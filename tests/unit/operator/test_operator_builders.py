@@ -46,11 +46,18 @@ def test_pod_runs_the_runtime_with_its_spec_output_metrics_port_and_termination_
     c = container(builders.pod(build(), 1, cfg))
     assert c["command"] == [
         "optrun", "runtime", "--spec", "/etc/optrun/run.yaml", "--output", "/var/lib/optrun",
-        "--metrics-port", "9090", "--termination-log", "/dev/termination-log",
+        "--metrics-port", "9090", "--metrics-addr", "0.0.0.0", "--termination-log", "/dev/termination-log",
     ]  # fmt: skip
     assert c["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_the_runtime_can_listen_on_its_pod_ip_alone(cfg: OperatorConfig) -> None:
+    shared = cfg.model_copy(update={"runtime_metrics_address": "$(POD_IP)"})
+    c = container(builders.pod(build(), 1, shared))
+    assert c["command"][c["command"].index("--metrics-addr") + 1] == "$(POD_IP)"
+    assert any(e["name"] == "POD_IP" for e in c["env"]), "the kubelet expands $(POD_IP) from the env"
 
 
 def test_pod_limits_gpus_and_selects_the_gpu_product_label(cfg: OperatorConfig) -> None:
