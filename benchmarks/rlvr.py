@@ -11,7 +11,7 @@ Rows are appended to benchmarks/results/rlvr.csv with the machine named.
 
     .venv/bin/python benchmarks/rlvr.py                           # quickstart settings, seeds 0 1 2
     .venv/bin/python benchmarks/rlvr.py --seeds 0 1 2 3 4 --jobs 5
-    .venv/bin/python benchmarks/rlvr.py --grid learningRate=1e-4,3e-4 --grid warmupSteps=150,300
+    .venv/bin/python benchmarks/rlvr.py --grid "learningRate=1e-4|3e-4" --grid "warmupSteps=150|300"
 """
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an RLVR spec field (camelCase)"
     )
     ap.add_argument(
-        "--grid", action="append", default=[], metavar="KEY=V1,V2", help="one run per value, crossed"
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1|V2",
+        help="one run per value (values split at |), crossed",
     )
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     base = {k: _parse(v) for k, v in (s.split("=", 1) for s in args.set)}
-    axes = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
+    axes = [(k, [_parse(x) for x in v.split("|")]) for k, v in (g.split("=", 1) for g in args.grid)]
     settings = [
         {**base, **dict(zip([k for k, _ in axes], combo, strict=True))}
         for combo in itertools.product(*[vals for _, vals in axes])

@@ -202,9 +202,9 @@ class RLVR(Spec):
 
     enabled: bool = Field(False, description="Run the RLVR stage after training.")
     task: Literal["addition", "multiplication"] = Field("addition", description="Verifiable task family.")
-    steps: int = Field(60, ge=1, le=100_000, description="GRPO policy updates.")
+    steps: int = Field(120, ge=1, le=100_000, description="GRPO policy updates.")
     group_size: int = Field(8, ge=2, le=256, description="Completions sampled per prompt.")
-    prompts_per_step: int = Field(8, ge=1, le=1024, description="Prompts per GRPO update.")
+    prompts_per_step: int = Field(16, ge=1, le=1024, description="Prompts per GRPO update.")
     kl_coefficient: float = Field(
         0.04, ge=0.0, le=10.0, description="Weight of the KL penalty to the frozen reference (0 allowed)."
     )
@@ -220,11 +220,11 @@ class RLVR(Spec):
     )
     max_digits: int = Field(2, ge=1, le=9, description="Largest operand size, in digits.")
     warmup_learning_rate: float = Field(
-        3.0e-3, gt=0.0, le=1.0, description="Learning rate of the supervised warm-up (AdamW)."
+        1.0e-3, gt=0.0, le=1.0, description="Learning rate of the supervised warm-up (AdamW)."
     )
     warmup_batch_size: int = Field(64, ge=1, le=4096, description="Problems per supervised warm-up step.")
     warmup_target_accuracy: float | None = Field(
-        0.3,
+        0.5,
         ge=0.0,
         le=1.0,
         description=(
@@ -250,7 +250,7 @@ class RLVR(Spec):
         1.0, gt=0.0, le=10.0, description="Sampling temperature of the group completions."
     )
     eval_problems: int = Field(
-        500,
+        1000,
         ge=10,
         le=100_000,
         description="Held-out problems the accuracy before and after RL is measured on.",

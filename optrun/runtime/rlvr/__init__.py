@@ -37,7 +37,7 @@ from torch import nn
 from optrun.api.v1alpha1 import RLVR
 from optrun.runtime.context import RunContext
 from optrun.runtime.rlvr.grpo import GRPO, GRPOConfig, evaluate, supervised_warmup
-from optrun.runtime.rlvr.rewards import REWARDS, Completion, register_reward
+from optrun.runtime.rlvr.rewards import REWARDS, Completion, combined, register_reward
 from optrun.runtime.rlvr.tasks import TASKS, Problem, get_task, heldout_set, sample
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def train_rlvr(
 ) -> dict[str, Any]:
     """Warm-up, pre-RL evaluation, GRPO, post-RL evaluation of `policy` (trained in place)."""
     task = get_task(cfg.task)
+    combined(dict(cfg.rewards))  # an unknown reward name fails here, before any training
     started = time.monotonic()
     seconds: dict[str, float] = {}
     problems = heldout_set(task, cfg.eval_problems, cfg.max_digits)

@@ -5,6 +5,8 @@ The completion carries its decoded text (the bytes before EOS), whether it ended
 its length in tokens. Built in:
   exact-match  1.0 when the completion is exactly the answer followed by EOS, else 0.0
   format       1.0 when it is an integer (optional minus sign, digits) followed by EOS, else 0.0
+  digit-match  the share of the answer's characters in place, for a well-formed answer of the
+               answer's length, else 0.0 (partial credit)
 A run combines rewards as a weighted sum (`spec.rlvr.rewards`, name -> weight). To add one:
 
     from optrun.runtime.rlvr.rewards import register_reward
@@ -64,6 +66,15 @@ def exact_match(problem: Problem, completion: Completion) -> float:
 @register_reward("format")
 def format_reward(problem: Problem, completion: Completion) -> float:
     return 1.0 if completion.terminated and _INTEGER.fullmatch(completion.text) else 0.0
+
+
+@register_reward("digit-match")
+def digit_match(problem: Problem, completion: Completion) -> float:
+    """Partial credit: the share of answer characters in place, for a well-formed answer of the
+    answer's length (a denser signal than exact match: most wrong sums are one digit off)."""
+    if not completion.terminated or len(completion.text) != len(problem.answer):
+        return 0.0
+    return sum(a == b for a, b in zip(completion.text, problem.answer, strict=True)) / len(problem.answer)
 
 
 def combined(weights: Mapping[str, float]) -> Callable[[Problem, Completion], tuple[float, dict[str, float]]]:
