@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 
 from tests.integration.operator.conftest import Runs, pvc, tiny_spec
 from tests.support.waiting import wait_for
@@ -255,3 +256,30 @@ def test_no_progress_for_the_hang_timeout_ends_the_attempt(
     assert cond["Failed"]["reason"] == "BackoffLimitExceeded" and "HangDetected" in cond["Failed"]["message"]
     assert cond["SafetyGatesPassed"]["reason"] == "HangDetected"
     runs.wait_events("stuck", "HangDetected")
+
+
+def test_cluster_wide_operator_with_only_the_cluster_role_handles_a_run_and_peers(
+    start_operator: Any, runs: Runs, kube: Any, namespace: str
+) -> None:
+    peering = k8s.CustomObjectsApi(kube)
+    name = f"optrun-{namespace}"[:63]
+    peering.create_cluster_custom_object(  # the chart creates it
+        "kopf.dev",
+        "v1",
+        "clusterkopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+    )
+    try:
+        start_operator(namespace, clusterwide=True, peering_mode="mandatory", peering_name=name)
+        runs.create("anywhere", tiny_spec(resources={"gpus": 16}))
+        wait_for(lambda: runs.pods("anywhere"), message="the cluster-wide operator to create the pod")
+        wait_for(
+            lambda: (runs.conditions("anywhere").get("Scheduled") or {}).get("reason") == "Unschedulable",
+            message="the Unschedulable condition",
+        )
+        keepalives = peering.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name).get(
+            "status"
+        )
+        assert keepalives and len(keepalives) == 1, keepalives
+    finally:
+        peering.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
