@@ -153,12 +153,13 @@ class Cache:
 
 
 class EventPoster:
-    """Posts Events from a queue, on a couple of threads of its own: a reconcile never waits for
-    one, so a burst of new runs gets its pods first and its AttemptStarted Events just after.
+    """Posts Events from a queue, on a thread of its own: a reconcile never waits for one, so a
+    burst of new runs gets its pods first and its AttemptStarted Events just after. One thread
+    keeps a run's Events in the order of its transitions.
     Events are a courtesy to people: one that cannot be posted (or a queue overflowing under a
     storm) is logged and dropped, never retried at the expense of the runs."""
 
-    def __init__(self, kube: Kube, *, workers: int = 2, capacity: int = 10_000) -> None:
+    def __init__(self, kube: Kube, *, workers: int = 1, capacity: int = 10_000) -> None:
         self.kube = kube
         self.queue: queue.Queue[JSON] = queue.Queue(maxsize=capacity)
         for i in range(workers):

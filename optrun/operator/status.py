@@ -312,7 +312,7 @@ def apply_result(status: OptimizationRunStatus, result: Result, judged: Judged) 
     status.risk_level = result.risk_level
     status.pass_rate = round(s.pass_rate, 4)
     status.acceptance = AcceptanceStatus(
-        **s.model_dump(),
+        **{**s.model_dump(), "pass_rate": round(s.pass_rate, 4)},
         failures=[
             FailedTest(
                 name=t.name,
