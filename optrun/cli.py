@@ -221,7 +221,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        # Everything after `operator` belongs to the operator's own parser, flags included
+        # (argparse's REMAINDER refuses a leading `--flag`).
+        args = parser().parse_args(["operator"])
+        args.rest = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+    else:
+        args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
