@@ -256,7 +256,7 @@ class RLVR(Spec):
         description="Held-out problems the accuracy before and after RL is measured on.",
     )
     max_kl: float = Field(
-        0.5,
+        1.0,
         gt=0.0,
         le=100.0,
         description="Largest mean per-token KL to the reference (nats) the acceptance test allows.",

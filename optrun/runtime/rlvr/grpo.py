@@ -263,13 +263,15 @@ class GRPO:
         tokens = gen.tokens
         p = gen.prompt_len
         with torch.no_grad():
-            old = completion_logprobs(self.policy, tokens, p)
             ref = completion_logprobs(self.reference, tokens, p) if self.reference is not None else None
         self.policy.train()
         stats: dict[str, float] = {}
         loss = torch.zeros(())
+        old: Tensor | None = None
         for _ in range(c.updates_per_batch):
             logp = completion_logprobs(self.policy, tokens, p)
+            if old is None:  # the first update runs on the sampling policy itself: its log-probs are pi_old
+                old = logp.detach()
             loss, stats = grpo_loss(
                 logp, old, ref, adv, mask, clip_epsilon=c.clip_epsilon, kl_coefficient=c.kl_coefficient
             )

@@ -11,7 +11,7 @@ from optrun.runtime import kvcache
 from optrun.runtime.acceptance import SUITE
 from optrun.runtime.context import RunContext
 from optrun.runtime.hardware import detect
-from optrun.runtime.kvcache import acceptance  # noqa: F401  (registers the tests)
+from optrun.runtime.kvcache import acceptance  # registers the tests
 from optrun.runtime.kvcache.sweep import run_sweep, supported_dtypes
 
 

@@ -68,7 +68,7 @@ def test_a_user_can_register_a_reward_and_combine_it_by_weight():
 
 
 def test_registry_rejects_unknown_and_duplicate_names():
-    with pytest.raises(ValueError, match="unknown reward 'nope'; allowed: exact-match, format"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'; allowed: digit-match, exact-match, format"):
         combined({"nope": 1.0})
     with pytest.raises(ValueError, match="already registered"):
         register_reward("format")(lambda p, c: 0.0)
