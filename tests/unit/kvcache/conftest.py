@@ -1,53 +1,16 @@
-"""Models for the kv-cache tests: the built-in tiny-lm, fresh and briefly trained on the corpus.
-
-The acceptance tests judge the cache on the trained model, whose next-token distributions are
-peaked; a fresh model's are nearly flat, so its greedy choices are near-ties that any rounding
-flips. Both are used: parity must hold on either, agreement rates are stated for the trained one.
-"""
+"""Fixtures of the kv-cache tests: the built-in tiny-lm, fresh and briefly trained (see kvcache_support)."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
+from kvcache_support import fresh_model, trained_state
 from torch import nn
-
-from optrun.runtime.data import Corpus
-from optrun.runtime.model import TinyLM, build_model
-
-TRAIN_STEPS = 80
-
-
-@functools.cache
-def corpus() -> Corpus:
-    return Corpus.build("pydoc")
-
-
-def fresh_model(seed: int = 0) -> TinyLM:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model("tiny-lm")
-
-
-@functools.cache
-def _trained_state() -> dict[str, torch.Tensor]:
-    model = fresh_model(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        x, y = corpus().batch("train", 64, 16, gen)
-        loss = model.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture
 def trained_model() -> nn.Module:
     model = fresh_model(0)
-    model.load_state_dict(_trained_state())
+    model.load_state_dict(trained_state())
     return model.eval()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import corpus
+from kvcache_support import corpus
 
 from optrun.runtime.data import PAD
 from optrun.runtime.kvcache import cache as kv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import corpus
+from kvcache_support import corpus
 
 from optrun.api.v1alpha1 import OptimizationRunSpec
 from optrun.runtime import kvcache
