@@ -17,6 +17,8 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ $op.runtime.terminationGracePeriodSeconds | quote }}
 - name: OPTRUN_OPERATOR_RUNTIME_STARTUP_SECONDS
   value: {{ $op.runtime.startupSeconds | quote }}
+- name: OPTRUN_OPERATOR_RUNTIME_METRICS_ADDRESS
+  value: {{ $op.runtime.metricsAddress | quote }}
 - name: OPTRUN_OPERATOR_GPU_RESOURCE
   value: {{ $op.gpu.resource | quote }}
 - name: OPTRUN_OPERATOR_GPU_PRODUCT_LABEL
