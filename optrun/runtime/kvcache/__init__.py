@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # Fidelity probes: held-out prompts of this many rows and tokens, and tokens decoded after them.
-PROBE_BATCH, PROBE_PROMPT, PROBE_NEW = 8, 48, 48
+PROBE_BATCH, PROBE_PROMPT, PROBE_NEW = 16, 48, 48
 ERROR_CONTEXT = 256
 
 

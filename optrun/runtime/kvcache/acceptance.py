@@ -20,11 +20,16 @@ BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "fp8": 8}
 # layout costs 2.3 % on the tiny-lm (see cache.py), and 5 % leaves room for smaller head dims
 # while still failing a layout with fp32 per-(token, head) scales (12.5 % at head dim 32).
 SCALE_OVERHEAD = 0.05
-# Greedy agreement with the full-precision cache (free-running, see generate.token_agreement)
-# that each cache dtype must keep on the trained model. 16-bit caches round keys and values
-# at 2^-11 (fp16) or 2^-8 (bf16) relative, int8 absmax at 1/254 of a channel block's range,
-# fp8 e4m3 at 2^-4 relative: the coarser the code, the more near-ties flip.
-AGREEMENT_MIN = {"fp32": 1.0, "fp16": 0.95, "bf16": 0.9, "int8": 0.9, "fp8": 0.75}
+# Greedy token agreement with the full-precision cache that each cache dtype must keep on the
+# trained model: at every step of the reference's greedy output, the share of steps where the
+# cache_dtype decoder, fed the same tokens, picks the same next token (teacher-forced, see
+# generate.token_agreement). Free-running agreement is reported beside it but not gated: one
+# early near-tie flips the whole rest of a sequence (1/8 of the probe at once), so it measures
+# where the first flip fell more than how faithful the cache is. 16-bit caches round keys and
+# values at 2^-11 (fp16) or 2^-8 (bf16) relative, int8 absmax at 1/254 of a channel block's
+# range, fp8 e4m3 at 2^-4 relative: the coarser the code, the more near-ties flip. Measured on
+# the tiny-lm: >= 0.997 (fp16, bf16, int8) and >= 0.987 (fp8), trained or fresh.
+AGREEMENT_MIN = {"fp32": 1.0, "fp16": 0.99, "bf16": 0.98, "int8": 0.98, "fp8": 0.95}
 # Largest relative reconstruction error ||x - x'|| / ||x|| of keys and values: for the float
 # codes, their unit roundoff (a bound on every element's relative error, hence on the norm);
 # for int8, the compression stage's default gate (Compression.maxReconstructionError).
@@ -117,12 +122,14 @@ def token_agreement(ctx: RunContext) -> Check:
         )
     a = _results(ctx, "agreement")[dtype]
     check = in_range(
-        a["free_running"],
+        a["teacher_forced"],
         AGREEMENT_MIN[dtype],
         None,
-        what=f"greedy token agreement, {dtype} vs {reference} cache",
+        what=f"greedy token agreement (teacher-forced), {dtype} vs {reference} cache",
     )
-    check.reason += f" (teacher-forced {a['teacher_forced']:.3f})"
+    check.reason += (
+        f" (free-running {a['free_running']:.3f}, first difference at {a['prefix']:.0%} on average)"
+    )
     return check
 
 

@@ -95,11 +95,26 @@ def test_sampled_decoding_with_the_cache_draws_what_decoding_without_it_draws(mo
     ],
 )
 def test_greedy_agreement_with_the_full_precision_cache_meets_the_stated_rate(trained_model, dtype):
-    # Stated rates (acceptance.AGREEMENT_MIN), free-running greedy on the trained tiny-lm:
-    # fp16 >= 0.95, bf16 >= 0.9, int8 >= 0.9, fp8 >= 0.75.
+    # Stated rates (acceptance.AGREEMENT_MIN), teacher-forced greedy picks on the trained tiny-lm:
+    # fp16 >= 0.99, bf16 >= 0.98, int8 >= 0.98, fp8 >= 0.95.
     agree = token_agreement(trained_model, _prompts(batch=8, length=48, offset=7), 48, dtype, "fp32")
-    assert agree["free_running"] >= AGREEMENT_MIN[dtype], agree
-    assert agree["teacher_forced"] >= agree["free_running"] - 1e-9 or agree["teacher_forced"] >= 0.97, agree
+    assert agree["teacher_forced"] >= AGREEMENT_MIN[dtype], agree
+    # Free-running outputs stay equal until a first flip, after which they may differ anywhere.
+    assert agree["free_running"] >= agree["prefix"] - 1e-9, agree
+
+
+def test_free_running_agreement_is_the_share_of_equal_tokens_and_prefix_the_run_before_the_first_flip(model):
+    """A fresh model's near-ties make the coarse fp8 cache flip: the three rates then differ
+    in the way their definitions say."""
+    if not FP8_OK:
+        pytest.skip(f"fp8: {FP8_WHY}")
+    prompt = _prompts(batch=8, length=32, offset=3)
+    agree = token_agreement(model, prompt, 32, "fp8", "fp32")
+    ref = generate(model, prompt, 32, eos_id=None).completions
+    cand = generate(model, prompt, 32, cache_dtype="fp8", eos_id=None).completions
+    assert agree["free_running"] == pytest.approx(float((ref == cand).float().mean()))
+    assert agree["prefix"] <= agree["free_running"] < 1.0
+    assert agree["teacher_forced"] > agree["free_running"]
 
 
 def test_a_custom_cache_factory_is_used_for_decoding(model):
