@@ -156,6 +156,9 @@ def _lifecycle(
         lambda: (
             not _json(kubectl, "get", "pods,configmaps", "-n", ns, "-l", "optrun.io/run=quickstart")["items"]
         ),
+        # The 1.20 garbage collector discovers new resource types (the CRD the chart just
+        # installed) on a 30 s resync, so the first deletion of a run can wait for that.
+        timeout=90,
         message="the run's children to be garbage-collected",
     )
 

@@ -128,7 +128,9 @@ def test_runtime_killed_mid_training_resumes_from_its_checkpoint_in_a_second_att
     claim = pvc(kube, namespace)
     runs.create(
         "resumed",
-        tiny_spec(training={"stepsPerEpoch": 40, "checkpoint": {"everySteps": 5, "claimName": claim}}),
+        # Long enough that the pod is still training when the suspension's SIGTERM arrives on a
+        # quiet machine (40 steps could finish first, and the run then ends in one attempt).
+        tiny_spec(training={"stepsPerEpoch": 200, "checkpoint": {"everySteps": 5, "claimName": claim}}),
     )
 
     def trained_past_a_checkpoint() -> bool:
@@ -204,7 +206,9 @@ def test_suspend_stops_the_pod_keeps_the_checkpoint_and_resume_finishes_the_run(
     claim = pvc(kube, namespace)
     runs.create(
         "paused",
-        tiny_spec(training={"stepsPerEpoch": 40, "checkpoint": {"everySteps": 5, "claimName": claim}}),
+        # Long enough that the pod is still training when the suspension's SIGTERM arrives on a
+        # quiet machine (40 steps could finish first, and the run then ends in one attempt).
+        tiny_spec(training={"stepsPerEpoch": 200, "checkpoint": {"everySteps": 5, "claimName": claim}}),
     )
     wait_for(
         lambda: ((runs.status("paused").get("progress") or {}).get("step") or 0) >= 8,
