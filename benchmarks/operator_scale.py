@@ -361,14 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             ratio = plain_s / op["seconds"]
             lat = op["latencies"]
             # The operator's requests: its reconcile counts its own; kopf's are its writes to the runs
-            # (annotations, finalizers; nobody else patches the main resource) and any relists.
-            # Differences of the API server's totals would also count the scheduler's retries of
-            # unschedulable pods, which grow with the length of the phase, not with the operator.
+            # (finalizers, progress annotations; nobody else writes the main resource). Reads of
+            # runs are not kopf's: its watch listed them once before this phase, and the garbage
+            # collector looks up the owners of new children. Differences of the API server's totals
+            # would also count the scheduler's retries of unschedulable pods, which grow with the
+            # length of the phase, not with the operator.
             own_per_run = op["own_requests"] / n
             kopf = sum(
                 v
                 for (verb, res, sub), v in op["requests"].items()
-                if res == PLURAL and not sub and verb != "POST"
+                if res == PLURAL and not sub and verb in ("PATCH", "PUT", "DELETE")
             )
             kopf_per_run = kopf / n
             per_run = own_per_run + kopf_per_run

@@ -119,6 +119,15 @@ class OperatorConfig(BaseModel):
             "stays active and a restarted one waits."
         ),
     )
+    status_batch_seconds: float = Field(
+        1.0,
+        ge=0.0,
+        le=60.0,
+        description=(
+            "A run's status is written at most once per this many seconds, with every change of the window in "
+            "one write (as the Job controller batches pod events); 0: each change at once."
+        ),
+    )
     workers: int = Field(
         16, ge=1, le=512, description="Threads running handlers (each holds at most one API call at a time)."
     )

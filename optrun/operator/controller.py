@@ -3,8 +3,9 @@
 Every trigger (create, resume, update, timer, a pod event) calls `Controller.converge`, which,
 under a lock per run (kopf runs a run's handlers, its timer and its pods' handlers in different
 threads):
-1. takes the freshest copy of the run it has (the handler's body, kopf's index, or the response
-   to its own last status patch: whichever carries the highest resourceVersion);
+1. takes the freshest copy of the run it has (the handler's body, the run watch's last copy, or
+   the response to its own last status write: whichever carries the highest resourceVersion),
+   with the status it has yet to write (see below);
 2. reads the run's pods from kopf's index (complete before any handler runs, after a restart
    too), overlaid with the pods it created itself and the last state of deleted ones; a pod that
    status names but neither shows is looked up once (GET), so "deleted" is never guessed from a
@@ -13,6 +14,13 @@ threads):
 4. runs `reconcile.reconcile` and applies the plan: creations tolerate 409 (and check that what
    exists is this run's), the whole status is written (on this run's uid only), and the Events
    are queued for `EventPoster`, which posts them in the background, best-effort.
+
+Status writes are batched per run (`status_batch_seconds`, 1 s by default), as the Job
+controller batches the pod events of a Job: the plan's status is kept as the run's status in
+this process at once (every later reconcile starts from it) and written once the window has
+passed, so the writes of one transition and the next (a pod created, then found unschedulable a
+moment later) become one. A status the operator did not get to write (it was killed) costs
+nothing: the next reconcile derives it again from the pods (`reconcile._Reconciler.adopt`).
 
 The status write carries no resourceVersion precondition. Status has one writer, the active
 replica, and each write is computed, under the run's lock, from the freshest copy that replica
@@ -26,12 +34,14 @@ handlers turn into a kopf.TemporaryError: kopf retries the handler after that de
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import logging
 import queue
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from optrun.api import v1alpha1 as api
@@ -87,13 +97,15 @@ def freshest(*bodies: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 
 class Cache:
-    """What the operator wrote or saw deleted, on top of kopf's indexes, and the per-run locks."""
+    """What the operator wrote or saw deleted, on top of kopf's indexes; the status it has yet to
+    write; the per-run locks."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._runs: dict[str, Mapping[str, Any]] = {}
         self._pods: dict[str, dict[str, tuple[JSON, bool]]] = {}  # run uid -> name -> (pod, deleted)
+        self._staged: dict[str, JSON] = {}  # run uid -> the whole status to write
 
     def lock(self, uid: str) -> threading.Lock:
         with self._guard:
@@ -109,6 +121,27 @@ class Cache:
     def run(self, uid: str) -> Mapping[str, Any] | None:
         with self._guard:
             return self._runs.get(uid)
+
+    def current(self, uid: str, *bodies: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The freshest of these bodies and the cached one, with the status not yet written."""
+        with self._guard:
+            best = freshest(*bodies, self._runs.get(uid))
+            staged = self._staged.get(uid)
+        if best is None or staged is None:
+            return best
+        return {**best, "status": staged}
+
+    def stage_status(self, uid: str, status: JSON) -> None:
+        with self._guard:
+            self._staged[uid] = status
+
+    def take_status(self, uid: str) -> JSON | None:
+        with self._guard:
+            return self._staged.pop(uid, None)
+
+    def staged(self) -> list[str]:
+        with self._guard:
+            return list(self._staged)
 
     def remember_pod(self, run_uid: str, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         """A pod this operator created (or found), or the last state of a deleted one (final)."""
@@ -146,10 +179,44 @@ class Cache:
             self._runs.pop(uid, None)
             self._pods.pop(uid, None)
             self._locks.pop(uid, None)
+            self._staged.pop(uid, None)
 
     def phases(self) -> list[str | None]:
         with self._guard:
-            return [(b.get("status") or {}).get("phase") for b in self._runs.values()]
+            return [
+                (self._staged.get(uid) or b.get("status") or {}).get("phase") for uid, b in self._runs.items()
+            ]
+
+
+class Batcher:
+    """Calls `flush(key)` on a pool of `workers` threads, `delay` seconds after the first
+    `mark(key, delay)` since the key's last flush; marks in between change nothing."""
+
+    def __init__(self, flush: Callable[[str], None], *, workers: int) -> None:
+        self._flush = flush
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = threading.Condition()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="optrun-status")
+        threading.Thread(target=self._loop, name="optrun-status-timer", daemon=True).start()
+
+    def mark(self, key: str, delay: float) -> None:
+        with self._wake:
+            if key in self._due:
+                return
+            due = time.monotonic() + delay
+            self._due[key] = due
+            heapq.heappush(self._heap, (due, key))
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, key = heapq.heappop(self._heap)
+                del self._due[key]
+            self._pool.submit(self._flush, key)
 
 
 class EventPoster:
@@ -189,6 +256,7 @@ class Controller:
         self.cache = cache or Cache()
         self.events = EventPoster(kube)
         self.instance = socket.gethostname()
+        self.status_writes = Batcher(self._write_status, workers=max(1, cfg.workers // 2))
 
     def converge(
         self,
@@ -196,7 +264,6 @@ class Controller:
         *,
         trigger: str,
         indexed_pods: Iterable[Mapping[str, Any]] = (),
-        indexed_run: Mapping[str, Any] | None = None,
         scrape_metrics: bool = False,
         spec_changes: tuple[str, ...] = (),
     ) -> None:
@@ -204,7 +271,7 @@ class Controller:
         uid = str(meta.get("uid", ""))
         started = time.monotonic()
         with self.cache.lock(uid):
-            run = freshest(body, indexed_run, self.cache.run(uid))
+            run = self.cache.current(uid, body)
             assert run is not None
             self.cache.remember_run(run)
             try:
@@ -291,13 +358,11 @@ class Controller:
             log.info("%s/%s: deleting pod %s", namespace, name, pod)
             self.kube.delete_pod(namespace, pod)
         if plan.status:
-            try:
-                updated = self.kube.replace_status(namespace, name, plan.status, uid=uid)
-            except ApiError as err:
-                if err.code in (404, 409, 422):
-                    return  # deleted meanwhile (or replaced by a new run of the same name)
-                raise
-            self.cache.remember_run(updated)
+            self.cache.stage_status(uid, plan.status)
+            if self.cfg.status_batch_seconds > 0:
+                self.status_writes.mark(uid, self.cfg.status_batch_seconds)
+            elif not self._write_staged(uid, namespace, name):
+                return  # deleted meanwhile (or replaced by a new run of the same name)
         for event in plan.events:
             self._post(run, event)
         if plan.delete_run:
@@ -305,6 +370,42 @@ class Controller:
             self.kube.delete_run(namespace, name, uid)
         for note in plan.notes:
             _count(note)
+
+    # --- status writes ---------------------------------------------------------------------------
+
+    def _write_staged(self, uid: str, namespace: str, name: str) -> bool:
+        """Write the run's staged status (the caller holds the run's lock); False: the run is gone."""
+        status = self.cache.take_status(uid)
+        if status is None:
+            return True
+        try:
+            updated = self.kube.replace_status(namespace, name, status, uid=uid)
+        except ApiError as err:
+            if err.code in (404, 409, 422):
+                return False  # deleted meanwhile (or replaced by a new run of the same name)
+            self.cache.stage_status(uid, status)  # unless a newer one came: we hold the lock
+            raise
+        self.cache.remember_run(updated)
+        return True
+
+    def _write_status(self, uid: str) -> None:
+        """The batch window of a run has passed: write its status; on a failure, later."""
+        with self.cache.lock(uid):
+            run = self.cache.run(uid)
+            if run is None:
+                return
+            meta = run["metadata"]
+            try:
+                self._write_staged(uid, meta["namespace"], meta["name"])
+            except ApiError as err:
+                log.log(logging.INFO if err.transient else logging.WARNING,
+                        "%s/%s: status not written: %s", meta["namespace"], meta["name"], err)  # fmt: skip
+                self.status_writes.mark(uid, 5.0 if err.transient else 30.0)
+
+    def flush(self) -> None:
+        """Write every staged status now (the operator is stopping)."""
+        for uid in self.cache.staged():
+            self._write_status(uid)
 
     def _existing(self, manifest: Mapping[str, Any], uid: str) -> JSON:
         """A create answered 409: the child must be this run's (from an earlier reconcile), not a

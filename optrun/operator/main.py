@@ -3,9 +3,11 @@
 Each handler is a few lines that hand the run to `Controller.converge` (optrun.operator.controller),
 which calls the one idempotent reconcile (optrun.operator.reconcile): creation, resumption after a
 restart, a spec update, the periodic look (timer) and a change of one of the run's pods all
-converge there. Two kopf indexes give every handler the runs and their pods as the watch streams
-last showed them; kopf fills them completely before the first handler runs, which is what lets a
-restarted operator find the pods it made instead of making new ones.
+converge there. A kopf index gives every handler the runs' pods as the pod watch last showed
+them; kopf fills it completely before the first handler runs, which is what lets a restarted
+operator find the pods it made instead of making new ones. The runs themselves, as their watch
+last showed them, are kept by the run-event handler in the controller's cache (an index of whole
+runs would cost kopf's handler machinery once more on every run event, for the same bodies).
 
 Settings live in one place, `configure` (the startup handler), each with the reason for it.
 Handlers are registered by `build_registry(cfg)`, because the timer's interval comes from the
@@ -18,14 +20,14 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from optrun.api import v1alpha1 as api
 from optrun.api.errors import ManifestError
 from optrun.operator import builders, config, metrics
-from optrun.operator.controller import Controller, Retry, freshest, iter_store, trim_pod
+from optrun.operator.controller import Controller, Retry, iter_store, trim_pod
 from optrun.operator.kube import load_client
 from optrun.operator.status import TERMINAL_PHASES
 
@@ -47,13 +49,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our own name for the finalizer kopf adds while a run has a live timer (it stops the timer
     # before the run goes): people reading `metadata.finalizers` see whose it is.
     settings.persistence.finalizer = FINALIZER
-    # Handler progress and the last handled spec go into annotations under optrun.io/, not into
-    # status: the CRD's status schema is structural, so the API server would prune kopf's
-    # status.kopf field, and status belongs to the run's users.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    # The last handled spec (what kopf diffs an update against) is kept in memory, not in an
+    # annotation: that annotation cost every run one more write of the custom resource (and one
+    # more watch event for every watcher), the largest single cost of a burst of new runs.
+    # status.observedGeneration tells a restarted operator which runs it has already handled.
+    settings.persistence.diffbase_storage = memo.specs
+    # Handler progress (only written while a handler is being retried) goes into annotations
+    # under optrun.io/, not into status: the CRD's status schema is structural, so the API server
+    # would prune kopf's status.kopf field, and status belongs to the run's users.
+    settings.persistence.progress_storage = QuietProgressStorage(prefix=PREFIX)
 
     # Ask the API server to end each watch after 5 minutes and give up on a silent connection
     # after 5.5: a half-dead TCP connection (a restarted API server behind a load balancer) is
@@ -111,11 +115,59 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
 
 
+class SpecMemory(kopf.DiffBaseStorage):
+    """kopf's diff base (the last handled spec of each run) in this process's memory.
+
+    A run this process has not handled yet (after a start, or a takeover from another replica) is
+    judged by its status: observedGeneration equal to metadata.generation means an operator
+    reconciled this very spec, so the run is resumed (kopf's resume cause: its current spec is
+    the base); otherwise it is handled as created, which the idempotent reconcile treats the same.
+    What is lost is only the SpecChangeIgnored/SpecChangeDeferred Event for an edit made while no
+    operator ran; the edit itself takes effect as it would have (see optrun.operator.reconcile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._essences: dict[str, kopf.BodyEssence] = {}  # only kopf's event loop touches this
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        """The spec alone (the only field a handler diffs), not kopf's deep copy of the whole run
+        (status included) on every event, which was a tenth of the operator's CPU in a burst. No
+        copy at all: every watch event brings freshly decoded objects, which nobody changes."""
+        if any(tuple(field)[:1] != ("spec",) for field in extra_fields or ()):
+            return super().build(body=body, extra_fields=extra_fields)
+        return cast(kopf.BodyEssence, {"spec": dict(body.spec)})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        essence = self._essences.get(body.metadata.uid or "")
+        if essence is None and _handled(body):
+            essence = self.build(body=body)
+        return essence
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self._essences[body.metadata.uid or ""] = essence
+
+    def forget(self, uid: str) -> None:
+        self._essences.pop(uid, None)
+
+
+def _handled(body: kopf.Body) -> bool:
+    generation = body.metadata.get("generation")
+    return generation is not None and body.status.get("observedGeneration") == generation
+
+
+class QuietProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's annotation progress storage without its `<prefix>/kopf-managed: yes` marker, which
+    would cost every run a patch of its own just to brand it."""
+
+    def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
+        return None
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        # SpecMemory's essences hold no annotations to clear: skip kopf's deep copy of them.
+        return essence if "metadata" not in essence else super().clear(essence=essence)
+
+
 # --- indexes ----------------------------------------------------------------------------------
-
-
-def index_runs(body: kopf.Body, uid: str, **_: Any) -> dict[str, Any]:
-    return {uid: dict(body)}
 
 
 def index_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
@@ -125,19 +177,18 @@ def index_pods(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, Any]
 # --- handlers: thin, they all converge ----------------------------------------------------------
 
 
-Runs = kopf.Index[str, Any]  # run uid -> the run as last seen
 Pods = kopf.Index[str, Any]  # run uid -> its pods (trimmed)
 
 
-def _indexes(kwargs: Mapping[str, Any]) -> tuple[Runs, Pods]:
+def _pods(kwargs: Mapping[str, Any]) -> Pods:
     """kopf passes each index as a keyword named after it."""
-    return kwargs["optrun_runs"], kwargs["optrun_pods"]
+    return kwargs["optrun_pods"]
 
 
 def _converge(
     memo: kopf.Memo, body: Mapping[str, Any], trigger: str, kwargs: Mapping[str, Any], **options: Any
 ) -> None:
-    runs, pods = _indexes(kwargs)
+    pods = _pods(kwargs)
     uid = str(body["metadata"]["uid"])
     controller: Controller = memo.controller
     try:
@@ -145,7 +196,6 @@ def _converge(
             body,
             trigger=trigger,
             indexed_pods=iter_store(pods.get(uid)),
-            indexed_run=freshest(*iter_store(runs.get(uid))),
             **options,
         )
     except Retry as retry:
@@ -198,8 +248,7 @@ def on_pod_event(
     controller: Controller = memo.controller
     if kind == "DELETED":
         controller.cache.remember_pod(uid, body, deleted=True)
-    runs, _ = _indexes(kwargs)
-    run = freshest(*iter_store(runs.get(uid)), controller.cache.run(uid))
+    run = controller.cache.run(uid)
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         return
     try:
@@ -208,9 +257,17 @@ def on_pod_event(
         log.info("%s: will look again: %s", body.get("metadata", {}).get("name"), err)
 
 
-async def on_run_event(event: kopf.RawEvent, uid: str, memo: kopf.Memo, **_: Any) -> None:
+async def on_run_event(event: kopf.RawEvent, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") == "DELETED":
         memo.controller.cache.forget(uid)
+        memo.specs.forget(uid)
+    else:
+        memo.controller.cache.remember_run(dict(body))
+
+
+def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """The operator stops (SIGTERM): write the status writes it is still batching."""
+    memo.controller.flush()
 
 
 def build_registry(cfg: config.OperatorConfig) -> kopf.OperatorRegistry:
@@ -219,7 +276,7 @@ def build_registry(cfg: config.OperatorConfig) -> kopf.OperatorRegistry:
     # in-cluster ServiceAccount, else the kubeconfig; a registry of our own gets no default.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(registry=registry)(configure)
-    kopf.index(*RUNS, id="optrun_runs", registry=registry)(index_runs)
+    kopf.on.cleanup(registry=registry)(on_cleanup)
     kopf.index(*PODS, id="optrun_pods", labels={builders.LABEL_RUN_UID: kopf.PRESENT}, registry=registry)(
         index_pods
     )
@@ -263,7 +320,7 @@ def run(argv: Sequence[str]) -> int:
         # ... except when a replica pauses for another or resumes: that is how HA is followed.
         logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
     kube = load_client(cfg.api_timeout_seconds, connections=cfg.workers + 4)
-    memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube))
+    memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube), specs=SpecMemory())
     kopf.run(
         registry=build_registry(cfg),
         memo=memo,

@@ -293,6 +293,9 @@ class _Reconciler:
                 self.new.start_time = status.timestamp(self.now)
             if self.new.phase in (None, "Suspended"):
                 self.new.phase = "Pending"
+            self.in_progress(seen)
+            self.cond(RUNNING, "Unknown", Reason.POD_PENDING, f"waiting for pod {self.new.pod_name} to start")
+            self.new.message = f"attempt {seen}: pod {self.new.pod_name} found"
         return self.new.attempts
 
     def start(self, k: int, *, resumed: bool = False, after: tuple[str, str] | None = None) -> None:
@@ -312,7 +315,7 @@ class _Reconciler:
         self.new.pod_name = pod
         self.new.phase = "Recovering" if after else "Pending"
         self.new.completion_time = None
-        self.cond(SCHEDULED, "Unknown", Reason.POD_CREATED, f"pod {pod} created; waiting for the scheduler")
+        self.in_progress(k)
         if after:
             reason, message = after
             self.cond(RUNNING, "False", reason, f"attempt {k - 1} failed: {message}; attempt {k} is starting")
@@ -320,12 +323,6 @@ class _Reconciler:
             self.cond(RUNNING, "False", Reason.RESUMED, f"resumed: attempt {k} is starting")
         else:
             self.cond(RUNNING, "Unknown", Reason.POD_PENDING, f"waiting for pod {pod} to start")
-        if status.get_condition(self.new, SAFETY) is None:
-            self.cond(SAFETY, "Unknown", Reason.NOT_YET_JUDGED, "no result yet")
-        if status.get_condition(self.new, ACCEPTANCE) is None:
-            self.cond(ACCEPTANCE, "Unknown", Reason.NOT_YET_JUDGED, "no result yet")
-        self.cond(COMPLETE, "False", Reason.IN_PROGRESS, f"attempt {k} in progress")
-        status.remove_condition(self.new, FAILED)
         claim = self.run.spec.training.checkpoint.claim_name
         where = (
             f"checkpoints on claim {claim}: resumes from the newest one"
@@ -335,6 +332,17 @@ class _Reconciler:
         self.event("Normal", Reason.ATTEMPT_STARTED, f"created pod {pod} (attempt {k}); {where}")
         self.new.message = f"attempt {k}: pod {pod} created"
         self.out.notes.append(Note("attempt_started"))
+
+    def in_progress(self, k: int) -> None:
+        """The conditions of attempt k from its pod's creation until the pod says more."""
+        pod = builders.pod_name(self.name, k)
+        self.cond(SCHEDULED, "Unknown", Reason.POD_CREATED, f"pod {pod} created; waiting for the scheduler")
+        if status.get_condition(self.new, SAFETY) is None:
+            self.cond(SAFETY, "Unknown", Reason.NOT_YET_JUDGED, "no result yet")
+        if status.get_condition(self.new, ACCEPTANCE) is None:
+            self.cond(ACCEPTANCE, "Unknown", Reason.NOT_YET_JUDGED, "no result yet")
+        self.cond(COMPLETE, "False", Reason.IN_PROGRESS, f"attempt {k} in progress")
+        status.remove_condition(self.new, FAILED)
 
     def attempt_failed(self, n: int, reason: str, message: str) -> None:
         assert self.run is not None

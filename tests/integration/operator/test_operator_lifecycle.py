@@ -206,9 +206,13 @@ def test_suspend_stops_the_pod_keeps_the_checkpoint_and_resume_finishes_the_run(
     claim = pvc(kube, namespace)
     runs.create(
         "paused",
-        # Long enough that the pod is still training when the suspension's SIGTERM arrives on a
-        # quiet machine (40 steps could finish first, and the run then ends in one attempt).
-        tiny_spec(training={"stepsPerEpoch": 200, "checkpoint": {"everySteps": 5, "claimName": claim}}),
+        # Step 12 hangs for 20 s, so the pod is surely training when the suspension's SIGTERM
+        # arrives (a tiny run trains 200 steps in a second or two on a quiet machine, faster than
+        # its progress reaches status); the runtime checkpoints at the end of that step.
+        tiny_spec(
+            training={"stepsPerEpoch": 200, "checkpoint": {"everySteps": 5, "claimName": claim}},
+            faults=[{"type": "stall", "atStep": 12, "durationSeconds": 20}],
+        ),
     )
     wait_for(
         lambda: ((runs.status("paused").get("progress") or {}).get("step") or 0) >= 8,
