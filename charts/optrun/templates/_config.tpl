@@ -31,6 +31,8 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ $op.scrapeTimeoutSeconds | quote }}
 - name: OPTRUN_OPERATOR_LIVE_GATE_GRACE_SECONDS
   value: {{ $op.liveGateGraceSeconds | quote }}
+- name: OPTRUN_OPERATOR_STATUS_BATCH_SECONDS
+  value: {{ $op.statusBatchSeconds | quote }}
 - name: OPTRUN_OPERATOR_WORKERS
   value: {{ $op.workers | quote }}
 - name: OPTRUN_OPERATOR_API_TIMEOUT_SECONDS

@@ -1,0 +1,166 @@
+"""What keeps a run's API writes few: kopf's diff base in memory, and status writes batched per run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import kopf
+import pytest
+
+from optrun.operator.controller import Batcher, Cache
+from optrun.operator.main import QuietProgressStorage, SpecMemory
+from tests.support.waiting import wait_for
+
+
+def run_body(
+    *, uid: str = "u1", generation: int = 1, observed: int | None = None, rv: str = "10"
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "optrun.io/v1alpha1",
+        "kind": "OptimizationRun",
+        "metadata": {
+            "name": "r",
+            "namespace": "ns",
+            "uid": uid,
+            "generation": generation,
+            "resourceVersion": rv,
+        },
+        "spec": {"training": {"epochs": generation}, "suspend": False},
+    }
+    if observed is not None:
+        body["status"] = {"phase": "Pending", "observedGeneration": observed}
+    return body
+
+
+# --- SpecMemory: kopf's last handled spec --------------------------------------------------------
+
+
+def test_a_run_never_reconciled_has_no_diff_base_so_kopf_handles_it_as_created() -> None:
+    memory = SpecMemory()
+    assert memory.fetch(body=kopf.Body(run_body())) is None
+    # A status from an older generation: the current spec was never handled either.
+    assert memory.fetch(body=kopf.Body(run_body(generation=2, observed=1))) is None
+
+
+def test_a_run_whose_status_records_its_generation_is_resumed_with_its_own_spec_as_the_base() -> None:
+    memory = SpecMemory()
+    body = kopf.Body(run_body(generation=3, observed=3))
+    assert memory.fetch(body=body) == {"spec": {"training": {"epochs": 3}, "suspend": False}}
+
+
+def test_stored_spec_is_the_base_until_forgotten() -> None:
+    memory = SpecMemory()
+    old = kopf.Body(run_body())
+    memory.store(body=old, patch=kopf.Patch(), essence=memory.build(body=old))
+    edited = kopf.Body(run_body(generation=2, observed=1))
+    assert memory.fetch(body=edited) == {"spec": {"training": {"epochs": 1}, "suspend": False}}
+    assert memory.build(body=edited) != memory.fetch(body=edited)  # kopf sees an update
+    memory.forget("u1")
+    assert memory.fetch(body=edited) is None
+
+
+def test_the_essence_is_the_spec_alone_and_writes_nothing_to_the_patch() -> None:
+    memory = SpecMemory()
+    body = kopf.Body({**run_body(observed=1), "metadata": {**run_body()["metadata"], "labels": {"a": "b"}}})
+    patch = kopf.Patch()
+    essence = memory.build(body=body, extra_fields={("spec",)})
+    assert set(essence) == {"spec"}
+    memory.store(body=body, patch=patch, essence=essence)
+    assert not patch  # the point: no annotation write per run
+
+
+def test_a_field_outside_the_spec_falls_back_to_kopfs_whole_essence() -> None:
+    body = kopf.Body({**run_body(), "metadata": {**run_body()["metadata"], "labels": {"team": "a"}}})
+    essence = SpecMemory().build(body=body, extra_fields={("metadata", "labels")})
+    assert essence["metadata"]["labels"] == {"team": "a"} and "spec" in essence
+
+
+def test_progress_storage_does_not_brand_runs_with_a_marker_annotation() -> None:
+    storage = QuietProgressStorage(prefix="optrun.io")
+    patch = kopf.Patch()
+    storage.store(key=kopf.HandlerId("h"), record={"retries": 1}, body=kopf.Body(run_body()), patch=patch)
+    annotations = dict(patch.get("metadata", {}).get("annotations", {}))
+    assert "optrun.io/kopf-managed" not in annotations
+    assert any(k.startswith("optrun.io/") for k in annotations)  # the progress itself is kept
+
+
+# --- Cache: the status not yet written -----------------------------------------------------------
+
+
+def test_the_staged_status_overlays_the_freshest_copy_of_the_run() -> None:
+    cache = Cache()
+    cache.remember_run(run_body(rv="10", observed=1))
+    cache.stage_status("u1", {"phase": "Running", "attempts": 1})
+    newer = run_body(generation=2, observed=1, rv="12")  # a spec edit seen on the watch
+    current = cache.current("u1", newer)
+    assert current is not None
+    assert current["metadata"]["resourceVersion"] == "12"
+    assert current["spec"]["training"]["epochs"] == 2
+    assert current["status"] == {"phase": "Running", "attempts": 1}
+    assert cache.phases() == ["Running"]
+
+
+def test_taking_the_staged_status_leaves_the_written_one() -> None:
+    cache = Cache()
+    cache.remember_run(run_body(observed=1))
+    cache.stage_status("u1", {"phase": "Running"})
+    assert cache.staged() == ["u1"]
+    assert cache.take_status("u1") == {"phase": "Running"}
+    assert cache.take_status("u1") is None
+    current = cache.current("u1")
+    assert current is not None and current["status"]["phase"] == "Pending"
+
+
+def test_forgetting_a_run_drops_its_staged_status() -> None:
+    cache = Cache()
+    cache.remember_run(run_body())
+    cache.stage_status("u1", {"phase": "Pending"})
+    cache.forget("u1")
+    assert cache.staged() == [] and cache.current("u1") is None
+
+
+# --- Batcher: one flush per window ---------------------------------------------------------------
+
+
+class Flushes:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, float]] = []
+
+    def __call__(self, key: str) -> None:
+        with self.lock:
+            self.calls.append((key, time.monotonic()))
+
+    def keys(self) -> list[str]:
+        with self.lock:
+            return [k for k, _ in self.calls]
+
+
+def test_marks_within_the_window_become_one_flush_after_the_delay() -> None:
+    flushes = Flushes()
+    batcher = Batcher(flushes, workers=2)
+    start = time.monotonic()
+    for _ in range(5):
+        batcher.mark("a", 0.3)
+    wait_for(lambda: flushes.keys() == ["a"], timeout=10, message="one flush of 'a'")
+    assert flushes.calls[0][1] - start >= 0.3
+    batcher.mark("a", 0.05)  # after the flush: a new window
+    wait_for(lambda: flushes.keys() == ["a", "a"], timeout=10, message="a second flush of 'a'")
+
+
+def test_keys_flush_independently_in_the_order_they_fall_due() -> None:
+    flushes = Flushes()
+    batcher = Batcher(flushes, workers=1)
+    batcher.mark("late", 0.4)
+    batcher.mark("early", 0.05)
+    wait_for(lambda: len(flushes.keys()) == 2, timeout=10, message="both keys flushed")
+    assert flushes.keys() == ["early", "late"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01])
+def test_a_due_mark_flushes_promptly(delay: float) -> None:
+    flushes = Flushes()
+    Batcher(flushes, workers=1).mark("k", delay)
+    wait_for(lambda: flushes.keys() == ["k"], timeout=5, message="the flush")
