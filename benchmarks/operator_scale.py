@@ -18,11 +18,18 @@ Prints the ratio plain / operator (1.0: the operator creates pods as fast as a p
 target >= 0.5), p50/p99 of run-to-pod latency, RSS (target < 200 MB at 1000 runs) and requests
 per run; appends a row per N to benchmarks/results/operator_scale.csv with the machine named.
 
+With --costs it first measures what each kind of request the operator's path makes costs the
+control plane on its own (N run creates, N ConfigMaps, N pods, N run status writes, N Events, one
+after the other from one client): wall time per request and each process's CPU seconds. That
+bounds the ratio on a given machine: a run costs the API server its create, its ConfigMap, its
+pod, a status write and Events, where the plain phase costs one pod create.
+
 With --takeover it also measures high-availability takeover: two replicas with peering, the
 active one SIGKILLed, the time until the standby has created the pod of a run made at the kill.
 
     .venv/bin/python benchmarks/operator_scale.py                 # N = 200 and 1000
     .venv/bin/python benchmarks/operator_scale.py --runs 200 --takeover
+    .venv/bin/python benchmarks/operator_scale.py --runs 1000 --costs
 """
 
 from __future__ import annotations
@@ -279,6 +286,66 @@ def operator_phase(
     }
 
 
+def request_costs(
+    api_client: k8s.ApiClient, cluster: Cluster, n: int
+) -> list[tuple[str, float, dict[str, float]]]:
+    """Per kind of request on the operator's path: seconds per request and the CPU seconds of
+    each control-plane process over n of them in a row (settled for 2 s after the last)."""
+    core = k8s.CoreV1Api(api_client)
+    objects = k8s.CustomObjectsApi(api_client)
+    api = cluster.api()
+    ns = f"costs-{n}"
+    create_namespace(core, ns)
+    cfg = OperatorConfig()
+    runs: list[dict[str, Any]] = []
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # A status as the operator writes one for a new run (conditions as reconcile sets them).
+    status = {"phase": "Pending", "attempts": 1, "observedGeneration": 1,
+              "conditions": [{"type": t, "status": "Unknown", "reason": "PodCreated", "lastTransitionTime": now,
+                              "message": "pod created; waiting for the scheduler", "observedGeneration": 1}
+                             for t in ("Scheduled", "Running", "SafetyGatesPassed", "AcceptancePassed")]}  # fmt: skip
+
+    def create_run(i: int) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "OptimizationRun",
+                "metadata": {"name": f"run-{i}"}, "spec": SPEC}  # fmt: skip
+        runs.append(objects.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body))
+
+    def write_status(i: int) -> None:
+        meta = runs[i]["metadata"]
+        api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{meta['name']}/status",
+                    body=[{"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
+                          {"op": "add", "path": "/status", "value": {**status, "podName": f"{meta['name']}-attempt-1"}}],
+                    content_type="application/json-patch+json")  # fmt: skip
+
+    def post_event(i: int) -> None:
+        meta = runs[i]["metadata"]
+        core.create_namespaced_event(ns, {"metadata": {"generateName": f"{meta['name']}."},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "OptimizationRun", "name": meta["name"],
+                               "namespace": ns, "uid": meta["uid"]},
+            "type": "Normal", "reason": "AttemptStarted", "message": "created pod (attempt 1)",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1, "source": {"component": "optrun"}})  # fmt: skip
+
+    kinds: list[tuple[str, Any]] = [
+        ("run create", create_run),
+        ("ConfigMap create", lambda i: core.create_namespaced_config_map(ns, builders.configmap(builders.Run.from_body(runs[i]), cfg))),
+        ("pod create", lambda i: core.create_namespaced_pod(ns, builders.pod(builders.Run.from_body(runs[i]), 1, cfg))),
+        ("run status write", write_status),
+        ("Event create", post_event),
+    ]  # fmt: skip
+    rows = []
+    for label, fn in kinds:
+        before = control_plane_cpu(cluster)
+        start = time.monotonic()
+        for i in range(n):
+            fn(i)
+        seconds = (time.monotonic() - start) / n
+        time.sleep(2)  # what follows a request (the scheduler's verdict on a pod, watchers) settles
+        cpu = {k: round(v - before.get(k, 0.0), 2) for k, v in control_plane_cpu(cluster).items()}
+        rows.append((label, seconds, cpu))
+        print(f"  {label:18s} {seconds * 1000:5.1f} ms each; CPU s over {n}: {cpu}", flush=True)
+    return rows
+
+
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
@@ -336,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, nargs="+", default=[200, 1000], help="N values, in order")
     p.add_argument("--workers", type=int, help="the operator's handler threads (default: its own default)")
     p.add_argument("--takeover", action="store_true", help="also measure HA takeover after SIGKILL")
+    p.add_argument("--costs", action="store_true", help="first measure each request kind's cost alone")
     p.add_argument("--lifetime", type=int, default=15, help="peering lifetime for --takeover (seconds)")
     p.add_argument("--rounds", type=int, default=3, help="SIGKILLs for --takeover")
     args = p.parse_args(argv)
@@ -354,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             except ApiError:
                 time.sleep(0.2)
         api_client = k8s_config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        if args.costs:
+            print(
+                f"\nCost of each request on the operator's path, {max(args.runs)} in a row from one client:"
+            )
+            request_costs(api_client, cluster, max(args.runs))
         for n in args.runs:
             plain_s, plain_req = plain_phase(api_client, cluster, n)
             extra = {"OPTRUN_OPERATOR_WORKERS": str(args.workers)} if args.workers else None

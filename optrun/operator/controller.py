@@ -112,7 +112,10 @@ class Cache:
             return self._locks.setdefault(uid, threading.Lock())
 
     def remember_run(self, body: Mapping[str, Any]) -> None:
-        uid = body["metadata"]["uid"]
+        meta = body["metadata"]
+        if "managedFields" in meta:  # the largest part of a run's metadata, and never read
+            body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        uid = meta["uid"]
         with self._guard:
             best = freshest(self._runs.get(uid), body)
             if best is not None:

@@ -164,3 +164,13 @@ def test_a_due_mark_flushes_promptly(delay: float) -> None:
     flushes = Flushes()
     Batcher(flushes, workers=1).mark("k", delay)
     wait_for(lambda: flushes.keys() == ["k"], timeout=5, message="the flush")
+
+
+def test_the_cache_keeps_runs_without_their_managed_fields() -> None:
+    cache = Cache()
+    body = run_body()
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    cache.remember_run(body)
+    kept = cache.run("u1")
+    assert kept is not None and "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["uid"] == "u1" and "managedFields" in body["metadata"]  # the caller's is intact
