@@ -109,6 +109,17 @@ def create_namespace(core: k8s.CoreV1Api, name: str) -> None:
     core.create_namespace({"metadata": {"name": name}})
 
 
+def drop_pods(core: k8s.CoreV1Api, namespace: str, timeout: float = 120) -> None:
+    """Delete a phase's pods and wait until they are gone: left behind unschedulable, the
+    scheduler would keep retrying them through the next phase and charge it for that work."""
+    core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
+    deadline = time.monotonic() + timeout
+    while core.list_namespaced_pod(namespace, limit=1).items:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pods of {namespace} still there after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 class PodWatch:
     """Records when each pod of a namespace is first seen, on a raw JSON watch in a thread (the
     official client's model deserialization would take the benchmark's own CPU from the creates).
@@ -170,7 +181,9 @@ def plain_phase(api_client: k8s.ApiClient, cluster: Cluster, n: int) -> tuple[fl
     elapsed = watch.wait({p["metadata"]["name"] for p in manifests}, timeout=max(120, n)) - start
     watch.stop()
     time.sleep(2)  # the scheduler's share of this phase (unschedulable conditions, events) settles
-    return elapsed, delta(apiserver_requests(cluster), before)
+    requests = delta(apiserver_requests(cluster), before)
+    drop_pods(core, ns)
+    return elapsed, requests
 
 
 def start_operator(
@@ -275,6 +288,7 @@ def operator_phase(
         watch.stop()
     finally:
         stop(proc)
+    drop_pods(core, ns)
     return {
         "seconds": elapsed,
         "creates": creates,
@@ -343,6 +357,7 @@ def request_costs(
         cpu = {k: round(v - before.get(k, 0.0), 2) for k, v in control_plane_cpu(cluster).items()}
         rows.append((label, seconds, cpu))
         print(f"  {label:18s} {seconds * 1000:5.1f} ms each; CPU s over {n}: {cpu}", flush=True)
+    drop_pods(core, ns)
     return rows
 
 
