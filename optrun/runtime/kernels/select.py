@@ -225,7 +225,10 @@ def _try(
     else:
         try:
             got = step()
-        except (RuntimeError, ValueError) as exc:
+        # Triton's own errors (a kernel that fails to compile for this shape or GPU, runs out of
+        # shared memory or registers: CompilationError, OutOfResources, PTXASError) are not
+        # RuntimeErrors; they only occur natively, and must skip the candidate, not end the run.
+        except (RuntimeError, ValueError, triton.TritonError) as exc:
             sel.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
             return None
     mismatch = _parity(got, reference, autocast_dtype or reference[0][0].dtype)

@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from triton.runtime.errors import OutOfResources
 
 from optrun.runtime.kernels.ops._launch import TritonUnavailableError
-from optrun.runtime.kernels.select import cache_file, select_kernels, wait_for_background_compiles
+from optrun.runtime.kernels.select import (
+    Selection,
+    _try,
+    cache_file,
+    select_kernels,
+    wait_for_background_compiles,
+)
 from optrun.runtime.model import build_model
 
 CPU = torch.device("cpu")
@@ -125,6 +132,19 @@ def test_compile_that_overruns_its_bound_is_skipped_with_the_reason(tmp_path: Pa
     assert reasons[0] == "did not finish compiling within 1e-06s"
     assert all("did not finish compiling within 1e-06s" in r for r in reasons[1:])
     assert all(s.choice == "eager" for s in sel.values())
+
+
+def test_a_triton_candidate_that_fails_to_compile_is_skipped_with_the_reason() -> None:
+    # Natively a kernel can fail to compile for a shape or GPU (shared memory, registers); Triton's
+    # errors are not RuntimeErrors, yet the candidate must be skipped, not end the selection.
+    sel = Selection("rms_norm", "norm", "RMSNorm(...)", "eager")
+
+    def step() -> None:
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    assert _try(sel, "triton", step, ([], ()), None, CPU, 1, 1, None) is None  # type: ignore[arg-type]
+    assert sel.skipped["triton"].startswith("failed: OutOfResources: out of resource: shared memory")
+    assert sel.times == {}
 
 
 def test_forced_modes_choose_without_measuring() -> None:
