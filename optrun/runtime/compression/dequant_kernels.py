@@ -84,8 +84,10 @@ def _int8_body(
     BLOCK_K: tl.constexpr,
 ):
     """y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] (+ b[n]); fp32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # int64 rows and columns: row * stride overflows int32 once y (M x N, e.g. 16k tokens against a
+    # 128k vocabulary) or q (N x K) holds 2**31 elements.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -142,8 +144,8 @@ def _int4_body(
     TILE_IN_GROUP (GROUP a multiple of 2 * BLOCK_KH): a tile's low and high halves each lie in
     one group, so the dot runs on the integer levels (exact in every dtype) and the two row
     scales multiply its result; otherwise every element is scaled before the dot."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64 offsets, as in _int8_body
+    pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_KH)
