@@ -147,6 +147,34 @@ def _safe_scale(absmax: Tensor, qmax: float) -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def absmax_quantize(x: Tensor, scale: Tensor, qmax: float, code_dtype: torch.dtype) -> Tensor:
+    """Symmetric codes of `x` for `scale` (broadcast against x): x / scale clamped to [-qmax, qmax]
+    in `code_dtype`, rounded to the nearest integer for an integer dtype (a float8 cast rounds to
+    nearest by itself). No NaN check: callers that must reject them (the codecs) do it first."""
+    y = x / scale
+    if not code_dtype.is_floating_point:
+        y = y.round_()
+    return y.clamp_(-qmax, qmax).to(code_dtype)
+
+
+def absmax_dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of `absmax_quantize`: codes times their scale, both in `dtype`."""
+    return q.to(dtype) * scale.to(dtype)
+
+
+def _quantize_along(x: Tensor, dim: int, qmax: float, code_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Codes of `x` with one scale per slice along `dim` (absmax / qmax, kept as a size-1 dim)."""
+    scale = _safe_scale(x.abs().amax(dim=dim, keepdim=True), qmax)
+    return absmax_quantize(x, scale, qmax, code_dtype), scale
+
+
+def _split_groups(x: Tensor, group_size: int) -> Tensor:
+    """(R, C) -> (R, ceil(C / group_size), group_size): rows zero-padded to whole groups."""
+    r, c = x.shape
+    ng = -(-c // group_size)
+    return torch.nn.functional.pad(x, (0, ng * group_size - c)).view(r, ng, group_size)
+
+
 class Codec(ABC):
     """encode(t) -> Payload (knows its nbytes); decode(payload) -> tensor of t's shape and dtype."""
 
@@ -198,20 +226,17 @@ class Int8Codec(Codec):
     bits = 8
 
     def _encode(self, t: Tensor) -> dict[str, Tensor]:
-        x = as_rows(t).float()
-        scale = _safe_scale(x.abs().amax(dim=1, keepdim=True), 127.0)  # (R, 1)
-        q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+        q, scale = _quantize_along(as_rows(t).float(), 1, 127.0, torch.int8)  # scale (R, 1)
         return {"q": q, "scale": scale.reshape(-1)}
 
     def _decode(self, p: Payload) -> Tensor:
-        return p.tensors["q"].float() * p.tensors["scale"][:, None]
+        return absmax_dequantize(p.tensors["q"], p.tensors["scale"][:, None])
 
 
-class Int8BlockCodec(Codec):
-    """Symmetric int8 with one scale per block of `group_size` consecutive elements of a row."""
+class _GroupCodec(Codec):
+    """A codec with one fp32 scale per group of `group_size` consecutive elements of a row."""
 
-    name = "int8-block"
-    bits = 8
+    bits: ClassVar[int]
 
     def __init__(self, group_size: int = 128) -> None:
         if group_size < 1:
@@ -224,22 +249,26 @@ class Int8BlockCodec(Codec):
     def describe(self) -> dict[str, object]:
         return {"codec": self.name, "groupSize": self.group_size}
 
+
+class Int8BlockCodec(_GroupCodec):
+    """Symmetric int8 with one scale per block of `group_size` consecutive elements of a row."""
+
+    name = "int8-block"
+    bits = 8
+
     def _encode(self, t: Tensor) -> dict[str, Tensor]:
         x = as_rows(t).float()
         r, c = x.shape
-        nb = -(-c // self.group_size)
-        xp = torch.nn.functional.pad(x, (0, nb * self.group_size - c)).view(r, nb, self.group_size)
-        scale = _safe_scale(xp.abs().amax(dim=2, keepdim=True), 127.0)  # (R, nb, 1)
-        q = torch.round(xp / scale).clamp_(-127, 127).to(torch.int8).view(r, -1)[:, :c]
+        xg = _split_groups(x, self.group_size)  # (R, nb, group_size)
+        q, scale = _quantize_along(xg, 2, 127.0, torch.int8)  # scale (R, nb, 1)
         # Only the real elements are stored; the padding is recreated at decode.
-        return {"q": q.contiguous(), "scale": scale.reshape(r, nb)}
+        return {"q": q.view(r, -1)[:, :c].contiguous(), "scale": scale.reshape(r, -1)}
 
     def _decode(self, p: Payload) -> Tensor:
         q, scale = p.tensors["q"], p.tensors["scale"]
         r, c = q.shape
-        nb = scale.shape[1]
-        qp = torch.nn.functional.pad(q.float(), (0, nb * self.group_size - c)).view(r, nb, self.group_size)
-        return (qp * scale[:, :, None]).view(r, -1)[:, :c]
+        qp = _split_groups(q.float(), self.group_size)
+        return absmax_dequantize(qp, scale[:, :, None]).view(r, -1)[:, :c]
 
 
 class Fp8Codec(Codec):
@@ -253,13 +282,11 @@ class Fp8Codec(Codec):
             raise ValueError(f"codec: fp8 needs torch.float8_e4m3fn, which torch {torch.__version__} lacks")
 
     def _encode(self, t: Tensor) -> dict[str, Tensor]:
-        x = as_rows(t).float()
-        scale = _safe_scale(x.abs().amax(dim=1, keepdim=True), FP8_MAX)
-        q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q, scale = _quantize_along(as_rows(t).float(), 1, FP8_MAX, torch.float8_e4m3fn)
         return {"q": q, "scale": scale.reshape(-1)}
 
     def _decode(self, p: Payload) -> Tensor:
-        return p.tensors["q"].float() * p.tensors["scale"][:, None]
+        return absmax_dequantize(p.tensors["q"], p.tensors["scale"][:, None])
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -274,7 +301,7 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.cat((packed & 0xF, packed >> 4), dim=1)
 
 
-class Int4Codec(Codec):
+class Int4Codec(_GroupCodec):
     """Symmetric int4 per group of `group_size` row elements, packed two per byte (see module doc)."""
 
     name = "int4"
@@ -285,28 +312,21 @@ class Int4Codec(Codec):
             raise ValueError(
                 f"group_size: int4 needs an even group size >= 2 (two values per byte), got {group_size}"
             )
-        self.group_size = group_size
-
-    def bits_per_element(self) -> float:
-        return self.bits + 32 / self.group_size  # one fp32 scale per group
-
-    def describe(self) -> dict[str, object]:
-        return {"codec": self.name, "groupSize": self.group_size}
+        super().__init__(group_size)
 
     def _encode(self, t: Tensor) -> dict[str, Tensor]:
         x = as_rows(t).float()
-        r, c = x.shape
-        ng = -(-c // self.group_size)
-        xg = torch.nn.functional.pad(x, (0, ng * self.group_size - c)).view(r, ng, self.group_size)
-        scale = _safe_scale(xg.abs().amax(dim=2, keepdim=True), 7.0)  # (R, ng, 1)
-        q = torch.round(xg / scale).clamp_(-7, 7).add_(8).view(r, -1)  # (R, Kp) in 1..15
-        return {"packed": pack_int4(q), "scale": scale.reshape(r, ng)}
+        r = x.shape[0]
+        xg = _split_groups(x, self.group_size)  # (R, ng, group_size)
+        q, scale = _quantize_along(xg, 2, 7.0, torch.int8)  # scale (R, ng, 1)
+        q = q.add_(8).view(r, -1)  # (R, Kp) in 1..15
+        return {"packed": pack_int4(q), "scale": scale.reshape(r, -1)}
 
     def _decode(self, p: Payload) -> Tensor:
         packed, scale = p.tensors["packed"], p.tensors["scale"]
         r, ng = scale.shape
         q = unpack_int4(packed).float().sub_(8).view(r, ng, self.group_size)
-        w = (q * scale[:, :, None]).view(r, -1)
+        w = absmax_dequantize(q, scale[:, :, None]).view(r, -1)
         return w[:, : math.prod(p.shape) // r]
 
 

@@ -12,8 +12,9 @@ with one scale per (sequence, head, channel) for each block of `block` consecuti
 values have no fixed outlier channels and feed a convex combination, so they are quantized per
 token, with one scale per (sequence, token) shared by the token's heads. Both are symmetric
 absmax codes: q = round(x / s), s = absmax / qmax (qmax = 127 for int8, 448 for fp8 e4m3,
-where the cast to float8 does the rounding). Scales are stored in fp16, and values are quantized
-with the fp16-rounded scale, so the stored scale is exactly the one used.
+where the cast to float8 does the rounding; `absmax_quantize`, shared with the compression
+codecs). Scales are stored in fp16, and values are quantized with the fp16-rounded scale, so the
+stored scale is exactly the one used.
 
 KIVI keeps the block still being filled in full precision; here it is stored quantized too and
 re-quantized when a new token raises a channel's absmax (the block's earlier entries are
@@ -29,10 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
+
+from optrun.runtime.compression.codecs import absmax_dequantize, absmax_quantize
 
 CacheDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
@@ -129,9 +132,10 @@ def largest_batch(
 
 
 class _Cache:
-    """Shared bookkeeping: shapes, bounds, byte counts."""
+    """Shared bookkeeping: dtype check, storage, shapes, bounds, byte counts."""
 
-    dtype: str
+    kind: ClassVar[str]  # "dense" or "quantized", for messages
+    dtypes: ClassVar[tuple[str, ...]]  # the dtypes this kind of cache stores; the first is the default
 
     def __init__(
         self,
@@ -140,11 +144,18 @@ class _Cache:
         n_kv_heads: int,
         head_dim: int,
         max_len: int,
-        device: torch.device | str,
-        block: int,
+        dtype: str | None = None,
+        device: torch.device | str = "cpu",
+        block: int = DEFAULT_BLOCK,
     ) -> None:
+        """`dtype` None is the kind's default (fp32 dense, int8 quantized); `block` (tokens per
+        key-scale block) matters to quantized caches only."""
+        dtype = self.dtypes[0] if dtype is None else dtype
+        self._check_dtype(dtype, device)
+        self.dtype = dtype
         self.n_layers, self.batch, self.n_kv_heads, self.head_dim = n_layers, batch, n_kv_heads, head_dim
         self.max_len = max_len
+        self.block = min(block, max_len)
         self.device = torch.device(device)
         self._tensors = {
             name: torch.zeros(shape, dtype=dt, device=self.device)
@@ -152,6 +163,15 @@ class _Cache:
                 n_layers, n_kv_heads, head_dim, batch, max_len, self.dtype, block
             ).items()
         }
+        # Dense: (L, B, Hkv, S, D) each. Quantized: keys (L, B, Hkv, S', D) with S' whole blocks,
+        # values (L, B, Hkv, S, D).
+        self.k, self.v = self._tensors["k"], self._tensors["v"]
+
+    def _check_dtype(self, dtype: str, device: torch.device | str) -> None:
+        if dtype not in self.dtypes:
+            raise ValueError(
+                f"{self.kind} cache dtype {dtype!r} is not allowed; allowed: {', '.join(self.dtypes)}"
+            )
 
     def _check(self, layer: int, k: Tensor, v: Tensor, start: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -178,23 +198,8 @@ class _Cache:
 class DenseKVCache(_Cache):
     """Keys and values stored as they are, in fp32, fp16 or bf16."""
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        n_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: str = "fp32",
-        device: torch.device | str = "cpu",
-    ) -> None:
-        if dtype not in DENSE_DTYPES:
-            raise ValueError(
-                f"dense cache dtype {dtype!r} is not allowed; allowed: {', '.join(DENSE_DTYPES)}"
-            )
-        self.dtype = dtype
-        super().__init__(n_layers, batch, n_kv_heads, head_dim, max_len, device, DEFAULT_BLOCK)
-        self.k, self.v = self._tensors["k"], self._tensors["v"]  # (L, B, Hkv, S, D)
+    kind = "dense"
+    dtypes = tuple(DENSE_DTYPES)
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         end = self._check(layer, k, v, start)
@@ -206,38 +211,32 @@ class DenseKVCache(_Cache):
 class QuantizedKVCache(_Cache):
     """8-bit keys (per channel, per token block) and values (per token), KIVI layout; see the module doc."""
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        n_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: str = "int8",
-        device: torch.device | str = "cpu",
-        block: int = DEFAULT_BLOCK,
-    ) -> None:
-        if dtype not in QUANT_DTYPES:
-            raise ValueError(
-                f"quantized cache dtype {dtype!r} is not allowed; allowed: {', '.join(QUANT_DTYPES)}"
-            )
+    kind = "quantized"
+    dtypes = QUANT_DTYPES
+
+    def _check_dtype(self, dtype: str, device: torch.device | str) -> None:
+        super()._check_dtype(dtype, device)
         if dtype == "fp8":
             ok, why = fp8_supported(device)
             if not ok:
                 raise RuntimeError(f"fp8 KV cache unavailable: {why}")
-        self.dtype = dtype
-        super().__init__(n_layers, batch, n_kv_heads, head_dim, max_len, device, block)
-        self.block = min(block, max_len)
-        self.qmax = QMAX[dtype]
-        t = self._tensors
-        self.k, self.k_scale = t["k"], t["k_scale"]  # (L, B, Hkv, S', D), (L, B, Hkv, S'/block, D)
-        self.v, self.v_scale = t["v"], t["v_scale"]  # (L, B, Hkv, S, D), (L, B, S)
+
+    @property
+    def qmax(self) -> float:
+        return QMAX[self.dtype]
+
+    @property
+    def k_scale(self) -> Tensor:
+        """Key scales, (L, B, Hkv, S'/block, D) fp16."""
+        return self._tensors["k_scale"]
+
+    @property
+    def v_scale(self) -> Tensor:
+        """Value scales, (L, B, S) fp16."""
+        return self._tensors["v_scale"]
 
     def _quantize(self, x: Tensor, scale: Tensor) -> Tensor:
-        y = x / scale
-        if self.dtype == "int8":
-            return y.round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
-        return y.clamp_(-self.qmax, self.qmax).to(torch.float8_e4m3fn)  # the cast rounds to nearest
+        return absmax_quantize(x, scale, self.qmax, self.k.dtype)
 
     def _scale(self, absmax: Tensor) -> Tensor:
         """The fp16 scale of an absmax; codes are computed with exactly this (rounded) value."""
@@ -249,11 +248,11 @@ class QuantizedKVCache(_Cache):
         lo, hi = first_block * g, (first_block + n_blocks) * g
         codes = self.k[layer, :, :, lo:hi].view(b, h, n_blocks, g, d)
         scale = self.k_scale[layer, :, :, first_block : first_block + n_blocks, None, :]  # (B, Hkv, n, 1, D)
-        return (codes.to(dtype) * scale.to(dtype)).view(b, h, n_blocks * g, d)
+        return absmax_dequantize(codes, scale, dtype).view(b, h, n_blocks * g, d)
 
     def _values(self, layer: int, end: int, dtype: torch.dtype) -> Tensor:
         scale = self.v_scale[layer, :, None, :end, None]  # (B, 1, T, 1)
-        return self.v[layer, :, :, :end].to(dtype) * scale.to(dtype)
+        return absmax_dequantize(self.v[layer, :, :, :end], scale, dtype)
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         end = self._check(layer, k, v, start)
