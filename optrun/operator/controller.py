@@ -21,6 +21,8 @@ this process at once (every later reconcile starts from it) and written once the
 passed, so the writes of one transition and the next (a pod created, then found unschedulable a
 moment later) become one. A status the operator did not get to write (it was killed) costs
 nothing: the next reconcile derives it again from the pods (`reconcile._Reconciler.adopt`).
+While the operator creates children in a burst (many runs submitted at once), status writes and
+Events wait for the burst to end, 10 s at most (`Burst`): pods first.
 
 The status write carries no resourceVersion precondition. Status has one writer, the active
 replica, and each write is computed, under the run's lock, from the freshest copy that replica
@@ -191,13 +193,42 @@ class Cache:
             ]
 
 
+class Burst:
+    """Whether the operator is creating children in a burst (many runs submitted at once).
+
+    Status writes and Events wait for a burst to end, up to `max_hold` seconds each: a run's pod
+    is what its user waits for, while a status write costs the API server about twice a pod
+    create (a custom resource's schema and managed fields) and an Event a third of one (measured,
+    benchmarks/operator_scale.py --costs). Under 1000 runs submitted at once they were half the API
+    server's work, taken from the pods of the runs still arriving."""
+
+    def __init__(self, quiet: float = 0.5, max_hold: float = 10.0) -> None:
+        self.quiet = quiet  # no creation for this long: the burst is over
+        self.max_hold = max_hold  # a write waits at most this long for the burst to end
+        self._last = -float("inf")
+
+    def created(self) -> None:
+        self._last = time.monotonic()  # one float: atomic under the GIL, no lock needed
+
+    def remaining(self) -> float:
+        """Seconds until the burst ends if nothing more is created (0: no burst)."""
+        return max(0.0, self._last + self.quiet - time.monotonic())
+
+    def hold(self, since: float) -> float:
+        """How much longer a write queued at `since` (monotonic) should wait; 0: now."""
+        return min(self.remaining(), max(0.0, since + self.max_hold - time.monotonic()))
+
+
 class Batcher:
     """Calls `flush(key)` on a pool of `workers` threads, `delay` seconds after the first
-    `mark(key, delay)` since the key's last flush; marks in between change nothing."""
+    `mark(key, delay)` since the key's last flush; marks in between change nothing. A flush that
+    falls due during a `burst` waits for its end (bounded by the burst's max_hold from the mark)."""
 
-    def __init__(self, flush: Callable[[str], None], *, workers: int) -> None:
+    def __init__(self, flush: Callable[[str], None], *, workers: int, burst: Burst | None = None) -> None:
         self._flush = flush
+        self._burst = burst
         self._due: dict[str, float] = {}
+        self._marked: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._wake = threading.Condition()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="optrun-status")
@@ -207,10 +238,14 @@ class Batcher:
         with self._wake:
             if key in self._due:
                 return
-            due = time.monotonic() + delay
-            self._due[key] = due
-            heapq.heappush(self._heap, (due, key))
-            self._wake.notify()
+            now = time.monotonic()
+            self._marked[key] = now
+            self._push(key, now + delay)
+
+    def _push(self, key: str, due: float) -> None:
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, key))
+        self._wake.notify()
 
     def _loop(self) -> None:
         while True:
@@ -218,32 +253,40 @@ class Batcher:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 _, key = heapq.heappop(self._heap)
-                del self._due[key]
+                wait = self._burst.hold(self._marked[key]) if self._burst else 0.0
+                if wait > 0:
+                    self._push(key, time.monotonic() + wait)
+                    continue
+                del self._due[key], self._marked[key]
             self._pool.submit(self._flush, key)
 
 
 class EventPoster:
-    """Posts Events from a queue, on a thread of its own: a reconcile never waits for one, so a
-    burst of new runs gets its pods first and its AttemptStarted Events just after. One thread
-    keeps a run's Events in the order of its transitions.
+    """Posts Events from a queue, on a thread of its own: a reconcile never waits for one, and
+    during a `burst` of creations the queue waits for its end (bounded), so a burst of new runs
+    gets its pods first and its AttemptStarted Events just after. One thread keeps a run's Events
+    in the order of its transitions.
     Events are a courtesy to people: one that cannot be posted (or a queue overflowing under a
     storm) is logged and dropped, never retried at the expense of the runs."""
 
-    def __init__(self, kube: Kube, *, workers: int = 1, capacity: int = 10_000) -> None:
+    def __init__(self, kube: Kube, *, burst: Burst | None = None, capacity: int = 10_000) -> None:
         self.kube = kube
-        self.queue: queue.Queue[JSON] = queue.Queue(maxsize=capacity)
-        for i in range(workers):
-            threading.Thread(target=self._work, name=f"optrun-events-{i}", daemon=True).start()
+        self.burst = burst
+        self.queue: queue.Queue[tuple[float, JSON]] = queue.Queue(maxsize=capacity)
+        threading.Thread(target=self._work, name="optrun-events", daemon=True).start()
 
     def post(self, body: JSON) -> None:
         try:
-            self.queue.put_nowait(body)
+            self.queue.put_nowait((time.monotonic(), body))
         except queue.Full:
             log.warning("event queue full; dropped %s %s", body.get("reason"), body["involvedObject"]["name"])
 
     def _work(self) -> None:
         while True:
-            body = self.queue.get()
+            queued, body = self.queue.get()
+            # The queue is in order: while its head waits for the burst, so does the rest.
+            while self.burst and (wait := self.burst.hold(queued)) > 0:
+                time.sleep(wait)  # the burst's own deadline, not a guess: it says when to look again
             try:
                 self.kube.create(body)
             except ApiError as err:
@@ -257,9 +300,10 @@ class Controller:
         self.cfg = cfg
         self.kube = kube
         self.cache = cache or Cache()
-        self.events = EventPoster(kube)
+        self.burst = Burst()
+        self.events = EventPoster(kube, burst=self.burst)
         self.instance = socket.gethostname()
-        self.status_writes = Batcher(self._write_status, workers=max(1, cfg.workers // 2))
+        self.status_writes = Batcher(self._write_status, workers=max(1, cfg.workers // 2), burst=self.burst)
 
     def converge(
         self,
@@ -353,6 +397,7 @@ class Controller:
                 log.warning("%s/%s: cannot create %s: %s", namespace, name, manifest["kind"], err)
                 plan = reconcile.creation_failed(observed, err.message, code=err.code)
                 break
+            self.burst.created()
             if created is None:
                 created = self._existing(manifest, uid)
             if manifest["kind"] == "Pod":

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
-from optrun.operator.controller import Batcher, Cache
+from optrun.operator.controller import Batcher, Burst, Cache, EventPoster
 from optrun.operator.main import QuietProgressStorage, SpecMemory
 from tests.support.waiting import wait_for
 
@@ -164,6 +164,90 @@ def test_a_due_mark_flushes_promptly(delay: float) -> None:
     flushes = Flushes()
     Batcher(flushes, workers=1).mark("k", delay)
     wait_for(lambda: flushes.keys() == ["k"], timeout=5, message="the flush")
+
+
+# --- Burst: pods first ----------------------------------------------------------------------------
+
+
+def test_a_burst_lasts_until_creations_stop_for_its_quiet_period() -> None:
+    burst = Burst(quiet=0.3, max_hold=10)
+    assert burst.remaining() == 0.0  # nothing created yet: no burst
+    burst.created()
+    assert 0.2 < burst.remaining() <= 0.3
+    assert 0.2 < burst.hold(time.monotonic()) <= 0.3
+    wait_for(lambda: burst.remaining() == 0.0, timeout=5, message="the burst's end")
+
+
+def test_a_write_waits_for_a_burst_at_most_max_hold_from_when_it_was_queued() -> None:
+    burst = Burst(quiet=5, max_hold=1)
+    burst.created()
+    now = time.monotonic()
+    assert 0.9 < burst.hold(now) <= 1.0  # the burst has 5 s to go; the write waits 1 s at most
+    assert burst.hold(now - 1.0) == 0.0  # queued a second ago: its hold is spent
+
+
+def test_a_flush_due_during_a_burst_waits_for_its_end() -> None:
+    burst = Burst(quiet=0.4, max_hold=10)
+    flushes = Flushes()
+    batcher = Batcher(flushes, workers=1, burst=burst)
+    batcher.mark("a", 0.05)
+    ends = []
+    for _ in range(4):  # creations keep coming for about 0.6 s
+        ends.append(time.monotonic() + burst.quiet)  # taken first: at or before the burst's end
+        burst.created()
+        wait_for(lambda: burst.remaining() < 0.25, timeout=5, message="the next creation")
+    wait_for(lambda: flushes.keys() == ["a"], timeout=10, message="the flush after the burst")
+    assert flushes.calls[0][1] >= ends[-1]
+
+
+def test_a_flush_waits_no_longer_than_max_hold_under_an_endless_burst() -> None:
+    burst = Burst(quiet=60, max_hold=0.3)
+    burst.created()
+    flushes = Flushes()
+    start = time.monotonic()
+    Batcher(flushes, workers=1, burst=burst).mark("a", 0.05)
+    wait_for(lambda: flushes.keys() == ["a"], timeout=10, message="the flush at max_hold")
+    assert flushes.calls[0][1] - start >= 0.3
+
+
+class Recorder:
+    """Stands in for the API client's create: EventPoster's only call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.posted: list[tuple[str, float]] = []
+
+    def create(self, body: dict[str, Any]) -> None:
+        with self.lock:
+            self.posted.append((body["reason"], time.monotonic()))
+
+    def reasons(self) -> list[str]:
+        with self.lock:
+            return [r for r, _ in self.posted]
+
+
+def _event(reason: str) -> dict[str, Any]:
+    return {"reason": reason, "involvedObject": {"name": "r"}}
+
+
+def test_events_wait_for_a_burst_and_keep_their_order() -> None:
+    burst = Burst(quiet=0.4, max_hold=10)
+    kube = Recorder()
+    poster = EventPoster(kube, burst=burst)  # type: ignore[arg-type]
+    end = time.monotonic() + burst.quiet  # taken first: at or before the burst's end
+    burst.created()
+    for reason in ("AttemptStarted", "Scheduled", "Running"):
+        poster.post(_event(reason))
+    wait_for(lambda: len(kube.reasons()) == 3, timeout=10, message="three events")
+    assert kube.reasons() == ["AttemptStarted", "Scheduled", "Running"]
+    assert kube.posted[0][1] >= end
+
+
+def test_events_outside_a_burst_are_posted_at_once() -> None:
+    kube = Recorder()
+    poster = EventPoster(kube, burst=Burst())  # type: ignore[arg-type]
+    poster.post(_event("Succeeded"))
+    wait_for(lambda: kube.reasons() == ["Succeeded"], timeout=5, message="the event")
 
 
 def test_the_cache_keeps_runs_without_their_managed_fields() -> None:
