@@ -33,7 +33,6 @@ from torch import nn
 from optrun.api.v1alpha1 import Compression
 from optrun.runtime.compression import parity
 from optrun.runtime.compression.codecs import Codec, get_codec
-from optrun.runtime.compression.ddp_run import DDPJob, compare
 from optrun.runtime.compression.quantized_linear import model_weight_bytes, quantize_model
 from optrun.runtime.context import RunContext
 
@@ -106,6 +105,10 @@ def apply(ctx: RunContext, model: nn.Module) -> nn.Module:
 
 def gradient_comparison(ctx: RunContext, cfg: Compression) -> dict[str, Any]:
     """The 2-process gloo run: plain allreduce against the codec's hook, same weights and batches."""
+    # Imported here: each rank runs `python -m ...ddp_run`, and a package that imported the module
+    # itself would have it loaded twice in every rank (runpy warns about exactly that).
+    from optrun.runtime.compression.ddp_run import DDPJob, compare
+
     w = ctx.spec.workload
     job = DDPJob(
         hooks=["allreduce", cfg.codec],
