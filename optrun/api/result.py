@@ -93,6 +93,9 @@ class SafetySummary(_Model):
     trips: dict[str, int] = Field(default_factory=dict)
     recoveries: int = 0
     events: list[dict[str, Any]] = Field(default_factory=list)
+    # The gate that ended training (nan_loss, gradient_flow, recovery_budget, ...), if one did:
+    # what the operator's SafetyGatesPassed condition names, read as data rather than from text.
+    failed_gate: str | None = None
 
 
 class Timing(_Model):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
 from enum import StrEnum
 from typing import Literal
 
@@ -280,7 +279,7 @@ def judge_result(result: Result, *, max_recoveries: int) -> Judged:
 
     trips = {k: v for k, v in result.safety.trips.items() if v}
     recoveries = result.safety.recoveries
-    failed_gate = _failed_gate(result.exit_reason)
+    failed_gate = result.safety.failed_gate
     safety_failed = [t.name for t in result.tests if not t.passed and t.category == "safety"]
     counts = f"trips {trips or 'none'}, {recoveries} recoveries (maxRecoveries {max_recoveries})"
     if recoveries > max_recoveries or failed_gate == "recovery_budget":
@@ -288,7 +287,7 @@ def judge_result(result: Result, *, max_recoveries: int) -> Judged:
         s_message = f"{recoveries} recoveries exceed maxRecoveries {max_recoveries}; {counts}"
     elif failed_gate:
         s_ok, s_reason = False, GATE_REASONS.get(failed_gate, Reason.SAFETY_GATE_FAILED)
-        s_message = f"safety gate {failed_gate} failed: {result.exit_reason}; {counts}"
+        s_message = f"{result.exit_reason or f'safety gate {failed_gate} failed'}; {counts}"
     elif safety_failed:
         s_ok, s_reason = False, Reason.SAFETY_TESTS_FAILED
         s_message = f"safety tests failed: {', '.join(safety_failed)}; {counts}"
@@ -296,12 +295,6 @@ def judge_result(result: Result, *, max_recoveries: int) -> Judged:
         s_ok, s_reason = True, Reason.GATES_HELD
         s_message = f"the gates held: {counts}"
     return Judged(decision, a_reason, a_message, s_ok, s_reason, s_message)
-
-
-def _failed_gate(exit_reason: str) -> str | None:
-    """The gate named by the runtime's exit reason ("safety gate nan_loss failed"), if any."""
-    match = re.search(r"safety gate (\w+) failed", exit_reason or "")
-    return match.group(1) if match else None
 
 
 def apply_result(status: OptimizationRunStatus, result: Result, judged: Judged) -> None:

@@ -327,8 +327,12 @@ def _result(
     if gate:
         trips["reconstruction_error"] = gate.get("trips", 0)
         recoveries += gate.get("trips", 0)
+    failed_gate = train_info.get("gate_failed")
     safety = SafetySummary(
-        trips=trips, recoveries=recoveries, events=train_info.get("events", []) + hang_events
+        trips=trips,
+        recoveries=recoveries,
+        events=train_info.get("events", []) + hang_events,
+        failed_gate=failed_gate,
     )
     details = {
         k: v for k, v in ctx.results.items() if k not in {"metrics", "train", "speedups"} and _jsonable(v)
@@ -347,8 +351,9 @@ def _result(
         ),
         hardware=ctx.hardware,
         details=details,
-        exit_reason=(train_info.get("gate_failed") and f"safety gate {train_info['gate_failed']} failed")
-        or "completed",
+        exit_reason=f"safety gate {failed_gate} failed: {train_info.get('gate_message', '')}"
+        if failed_gate
+        else "completed",
     )
 
 

@@ -120,7 +120,7 @@ def result_message(
     failing: tuple[str, ...] = (),
     critical_failing: tuple[str, ...] = (),
     recoveries: int = 0,
-    exit_reason: str = "",
+    failed_gate: str | None = None,
 ) -> str:
     """A termination message as the runtime writes it: the real judge's result, compacted."""
     tests = [
@@ -148,8 +148,10 @@ def result_message(
     result = build_result(
         tests,
         Acceptance(),
-        safety=SafetySummary(trips={"nan_loss": recoveries}, recoveries=recoveries),
-        exit_reason=exit_reason,
+        safety=SafetySummary(trips={"nan_loss": recoveries}, recoveries=recoveries, failed_gate=failed_gate),
+        exit_reason=f"safety gate {failed_gate} failed: as the runtime words it"
+        if failed_gate
+        else "completed",
     )
     text = result.compact()
     json.loads(text)  # the runtime's contract: JSON within 4 KiB

@@ -198,21 +198,31 @@ def test_the_operator_rederives_the_decision_instead_of_trusting_the_pod(
 def test_spent_recovery_budget_in_the_result_fails_the_safety_gates_searchably(
     cfg: OperatorConfig, pod: PodFactory
 ) -> None:
-    message = result_message(recoveries=4, exit_reason="safety gate recovery_budget failed")
+    message = result_message(recoveries=4, failed_gate="recovery_budget")
     new = applied(
         started(cfg), rec.reconcile(observe(started(cfg), [pod(1, "succeeded", message=message)]), cfg)
     )
     assert conditions(new)["SafetyGatesPassed"] == ("False", "RecoveryBudgetExhausted")
 
 
-def test_a_gate_named_in_the_exit_reason_becomes_the_condition_reason(
-    cfg: OperatorConfig, pod: PodFactory
+@pytest.mark.parametrize(
+    ("gate", "reason"),
+    [
+        ("nan_loss", "NonFiniteLoss"),
+        ("gradient_exploding", "GradientExploding"),
+        ("reconstruction", "SafetyGateFailed"),
+    ],
+)
+def test_the_failed_gate_in_the_result_becomes_the_condition_reason(
+    cfg: OperatorConfig, pod: PodFactory, gate: str, reason: str
 ) -> None:
-    message = result_message(exit_reason="safety gate nan_loss failed")
+    message = result_message(failed_gate=gate)
     new = applied(
         started(cfg), rec.reconcile(observe(started(cfg), [pod(1, "succeeded", message=message)]), cfg)
     )
-    assert conditions(new)["SafetyGatesPassed"] == ("False", "NonFiniteLoss")
+    condition = next(c for c in new["status"]["conditions"] if c["type"] == "SafetyGatesPassed")
+    assert (condition["status"], condition["reason"]) == ("False", reason)
+    assert condition["message"].startswith(f"safety gate {gate} failed: as the runtime words it")
 
 
 def test_success_without_a_result_is_no_success_and_the_attempt_is_retried(

@@ -59,6 +59,11 @@ def test_failed_gate_is_recorded_as_data(tmp_path: Path) -> None:
     assert info["trips"] == {"nan_loss": 2}
     assert info["recoveries"] == 2
     assert info["steps"] < 12
+    # The result contract carries the gate as data (the operator's condition reason) and says why.
+    result = orchestrator._result(ctx, [], [], {})
+    assert result.safety.failed_gate == "recovery_budget"
+    assert result.exit_reason.startswith("safety gate recovery_budget failed: ")
+    assert "maxRecoveries 1" in result.exit_reason
 
 
 def test_train_stage_reports_history_for_the_report(tmp_path: Path) -> None:
