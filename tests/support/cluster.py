@@ -654,6 +654,17 @@ class Cluster:
 
         self._wait_ready(proc, all_ready, time.monotonic() + timeout)
 
+    def restart_apiserver(self, timeout: float = 90) -> float:
+        """Stop the API server (SIGTERM, SIGKILL after 10 s) and start it again on the same port
+        with the same flags, as an upgrade or a crash of the control plane would; returns the
+        seconds it was away. Its clients keep their URL and credentials."""
+        proc = self.processes.pop("kube-apiserver")
+        started = time.monotonic()
+        proc.stop(10)
+        self._start_apiserver(time.monotonic() + timeout)
+        self._save_state()  # the new process's pid: a detached cluster is stopped by it
+        return time.monotonic() - started
+
     def stop_node_agent(self, timeout: float = 30, *, delete_nodes: bool = False) -> None:
         """Stop the node agent; it terminates its pods' processes first (bounded).
 

@@ -397,16 +397,6 @@ def runs(kube: Any, namespace: str) -> Iterator[Runs]:
     )
 
 
-def restart_apiserver(cluster: Any) -> float:
-    """Stop the API server (SIGTERM) and start it again on the same port with the same flags;
-    returns the seconds it was away. Uses the harness's own start-up (tests/support/cluster.py)."""
-    proc = cluster.processes.pop("kube-apiserver")
-    started = time.monotonic()
-    proc.stop(10)
-    cluster._start_apiserver(time.monotonic() + 90)
-    return time.monotonic() - started
-
-
 def pvc(kube: Any, namespace: str, name: str = "checkpoints") -> str:
     """A claim for checkpoints; the node agent provisions a directory that outlives each pod."""
     k8s.CoreV1Api(kube).create_namespaced_persistent_volume_claim(

@@ -3,6 +3,7 @@ under it, and two replicas of which the active one dies."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from tests.integration.operator.conftest import Runs, restart_apiserver, tiny_spec
+from tests.integration.operator.conftest import Runs, tiny_spec
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -76,7 +77,10 @@ def test_api_server_restarted_during_a_run_the_operator_reconnects_and_the_run_f
     operator = start_operator(namespace)
     runs.create("through-restart")
     runs.wait_phase("through-restart", "Running")
-    restart_apiserver(cluster)
+    cluster.restart_apiserver()
+    # The harness records the new process, so a detached cluster is stopped by the right pid.
+    state = json.loads((cluster.workdir / "state.json").read_text())
+    assert state["processes"]["kube-apiserver"]["pid"] == cluster.processes["kube-apiserver"].pid
     status = runs.wait_phase("through-restart", "Succeeded", "Failed", timeout=180)
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["attempts"] == 1
