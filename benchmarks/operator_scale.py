@@ -24,10 +24,15 @@ after the other from one client): wall time per request and each process's CPU s
 bounds the ratio on a given machine: a run costs the API server its create, its ConfigMap, its
 pod, a status write and Events, where the plain phase costs one pod create.
 
+With --repeats R each N runs R plain and operator phases, alternating, on the same control plane,
+and a last line per N gives the median and range of each: this shared VM's speed drifts by up to
+2x within minutes, and alternating lets the drift reach both sides alike.
+
 With --takeover it also measures high-availability takeover: two replicas with peering, the
 active one SIGKILLed, the time until the standby has created the pod of a run made at the kill.
 
     .venv/bin/python benchmarks/operator_scale.py                 # N = 200 and 1000
+    .venv/bin/python benchmarks/operator_scale.py --repeats 3     # each 3 times, alternating
     .venv/bin/python benchmarks/operator_scale.py --runs 200 --takeover
     .venv/bin/python benchmarks/operator_scale.py --runs 1000 --costs
 """
@@ -160,9 +165,11 @@ class PodWatch:
         self._stop.set()
 
 
-def plain_phase(api_client: k8s.ApiClient, cluster: Cluster, n: int) -> tuple[float, dict[Any, float]]:
+def plain_phase(
+    api_client: k8s.ApiClient, cluster: Cluster, n: int, tag: str = ""
+) -> tuple[float, dict[Any, float]]:
     core = k8s.CoreV1Api(api_client)
-    ns = f"plain-{n}"
+    ns = f"plain-{n}{tag}"
     create_namespace(core, ns)
     cfg = OperatorConfig()
     manifests = []
@@ -257,11 +264,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def operator_phase(
-    api_client: k8s.ApiClient, cluster: Cluster, n: int, log: Path, extra: dict[str, str] | None = None
+    api_client: k8s.ApiClient,
+    cluster: Cluster,
+    n: int,
+    log: Path,
+    extra: dict[str, str] | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
     core = k8s.CoreV1Api(api_client)
     objects = k8s.CustomObjectsApi(api_client)
-    ns = f"ops-{n}"
+    ns = f"ops-{n}{tag}"
     create_namespace(core, ns)
     proc, port = start_operator(cluster, ns, log, extra)
     try:
@@ -365,6 +377,10 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+def spread(values: list[float], unit: str) -> str:
+    return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+
+
 def takeover(
     api_client: k8s.ApiClient, cluster: Cluster, workdir: Path, lifetime: int, rounds: int
 ) -> list[float]:
@@ -417,11 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, nargs="+", default=[200, 1000], help="N values, in order")
     p.add_argument("--workers", type=int, help="the operator's handler threads (default: its own default)")
+    p.add_argument("--repeats", type=int, default=1, help="plain and operator phases per N, alternating")
     p.add_argument("--takeover", action="store_true", help="also measure HA takeover after SIGKILL")
     p.add_argument("--costs", action="store_true", help="first measure each request kind's cost alone")
     p.add_argument("--lifetime", type=int, default=15, help="peering lifetime for --takeover (seconds)")
     p.add_argument("--rounds", type=int, default=3, help="SIGKILLs for --takeover")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats: at least 1 (got {args.repeats})")
     workdir = Path(tempfile.mkdtemp(prefix="optrun-scale-"))
     print(f"machine: {machine()}; logs in {workdir}")
     with Cluster(workdir / "cluster") as cluster:
@@ -442,10 +461,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"\nCost of each request on the operator's path, {max(args.runs)} in a row from one client:"
             )
             request_costs(api_client, cluster, max(args.runs))
-        for n in args.runs:
-            plain_s, plain_req = plain_phase(api_client, cluster, n)
+        summary: dict[int, list[tuple[float, float, float]]] = {}
+        for n, r in ((n, r) for n in args.runs for r in range(args.repeats)):
+            # Repeats alternate plain and operator phases on the same control plane, so the host's
+            # drift (this shared VM's speed varies by 2x within minutes) reaches both sides alike.
+            tag = f"-{r + 1}" if r else ""
+            plain_s, plain_req = plain_phase(api_client, cluster, n, tag)
             extra = {"OPTRUN_OPERATOR_WORKERS": str(args.workers)} if args.workers else None
-            op = operator_phase(api_client, cluster, n, workdir / f"operator-{n}.log", extra)
+            op = operator_phase(api_client, cluster, n, workdir / f"operator-{n}{tag}.log", extra, tag)
             ratio = plain_s / op["seconds"]
             lat = op["latencies"]
             # The operator's requests: its reconcile counts its own; kopf's are its writes to the runs
@@ -464,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             per_run = own_per_run + kopf_per_run
             total_per_run = (sum(op["requests"].values()) - sum(plain_req.values())) / n
             by_kind = delta(op["requests"], plain_req)
-            print(f"\nN = {n}")
+            print(f"\nN = {n}" + (f" (repeat {r + 1} of {args.repeats})" if args.repeats > 1 else ""))
             print(f"  plain client: {n} pods in {plain_s:.2f}s ({n / plain_s:.0f} pods/s)")
             print(
                 f"  operator:     {n} runs -> {n} pods in {op['seconds']:.2f}s ({n / op['seconds']:.0f} pods/s)"
@@ -503,6 +526,14 @@ def main(argv: list[str] | None = None) -> int:
                     "own_requests_per_run": round(own_per_run, 2),
                 }
             )
+            summary.setdefault(n, []).append((plain_s, op["seconds"], ratio))
+        for n, reps in summary.items():
+            if len(reps) > 1:
+                plain, oper, ratios = ([x[i] for x in reps] for i in range(3))
+                print(
+                    f"\nN = {n} over {len(reps)} repeats (median, min-max): plain {spread(plain, 's')}, "
+                    f"operator {spread(oper, 's')}, ratio {spread(ratios, '')}"
+                )
         if args.takeover:
             print(f"\nHA takeover (2 replicas, peering lifetime {args.lifetime}s):")
             times = takeover(api_client, cluster, workdir, args.lifetime, args.rounds)
