@@ -198,9 +198,10 @@ class Burst:
 
     Status writes and Events wait for a burst to end, up to `max_hold` seconds each: a run's pod
     is what its user waits for, while a status write costs the API server about twice a pod
-    create (a custom resource's schema and managed fields) and an Event a third of one (measured,
-    benchmarks/operator_scale.py --costs). Under 1000 runs submitted at once they were half the API
-    server's work, taken from the pods of the runs still arriving."""
+    create (a custom resource's schema and managed fields) and an Event under half of one (measured,
+    benchmarks/operator_scale.py --costs): a new run's status write and two Events cost it more
+    than the run's create, ConfigMap and pod together, taken from the pods of the runs still
+    arriving."""
 
     def __init__(self, quiet: float = 0.5, max_hold: float = 10.0) -> None:
         self.quiet = quiet  # no creation for this long: the burst is over
@@ -227,8 +228,7 @@ class Batcher:
     def __init__(self, flush: Callable[[str], None], *, workers: int, burst: Burst | None = None) -> None:
         self._flush = flush
         self._burst = burst
-        self._due: dict[str, float] = {}
-        self._marked: dict[str, float] = {}
+        self._marked: dict[str, float] = {}  # key -> when its window began; each key is once in the heap
         self._heap: list[tuple[float, str]] = []
         self._wake = threading.Condition()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="optrun-status")
@@ -236,14 +236,13 @@ class Batcher:
 
     def mark(self, key: str, delay: float) -> None:
         with self._wake:
-            if key in self._due:
+            if key in self._marked:
                 return
             now = time.monotonic()
             self._marked[key] = now
             self._push(key, now + delay)
 
     def _push(self, key: str, due: float) -> None:
-        self._due[key] = due
         heapq.heappush(self._heap, (due, key))
         self._wake.notify()
 
@@ -257,7 +256,7 @@ class Batcher:
                 if wait > 0:
                     self._push(key, time.monotonic() + wait)
                     continue
-                del self._due[key], self._marked[key]
+                del self._marked[key]
             self._pool.submit(self._flush, key)
 
 
@@ -470,30 +469,33 @@ class Controller:
         return found
 
     def _post(self, run: Mapping[str, Any], event: Event) -> None:
-        meta = run["metadata"]
-        now = timestamp(dt.datetime.now(dt.UTC))
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": api.API_VERSION,
-                "kind": api.KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "type": event.type,
-            "reason": event.reason,
-            "message": clip(event.message),
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "source": {"component": builders.MANAGED_BY},
-            "reportingComponent": f"{api.GROUP}/operator",
-            "reportingInstance": self.instance,
-        }
-        self.events.post(body)
+        self.events.post(event_body(run["metadata"], event, self.instance, dt.datetime.now(dt.UTC)))
+
+
+def event_body(run_meta: Mapping[str, Any], event: Event, instance: str, when: dt.datetime) -> JSON:
+    """The core/v1 Event about a run (involvedObject by uid, so it follows that run only)."""
+    now = timestamp(when)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{run_meta['name']}.", "namespace": run_meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": run_meta["name"],
+            "namespace": run_meta["namespace"],
+            "uid": run_meta["uid"],
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": clip(event.message),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": builders.MANAGED_BY},
+        "reportingComponent": f"{api.GROUP}/operator",
+        "reportingInstance": instance,
+    }
 
 
 def _labels(body: Mapping[str, Any]) -> Mapping[str, str]:
