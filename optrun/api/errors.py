@@ -77,16 +77,10 @@ def _union_tags(annotation: Any) -> set[str]:
 def _without_tags(model: type[BaseModel], loc: list[str]) -> list[str]:
     out: list[str] = []
     for part in loc:
-        field = _field_at(model, out) if out else None
-        if (
-            field is not None
-            and out
-            and _field_by_alias(_model_at(model, out[:-1]) or model, out[-1]) is field
-        ):
-            if part in _union_tags(field.annotation) or any(
-                part in _union_tags(m) for m in field.metadata if not isinstance(m, str)
-            ):
-                continue
+        parent = _model_at(model, out[:-1]) if out else None
+        field = _field_by_alias(parent, out[-1]) if parent is not None else None
+        if field is not None and part in _union_tags(field.annotation):
+            continue
         out.append(part)
     return out
 
