@@ -224,11 +224,11 @@ class Kernels(Spec):
     """Fused Triton kernels for RMSNorm, SwiGLU, rotary embedding and cross-entropy."""
 
     enabled: bool = Field(True, description="Apply the kernel optimizer.")
-    mode: Literal["auto", "triton", "compile", "eager"] = Field(
+    mode: Literal["auto", "triton", "liger", "compile", "eager"] = Field(
         "auto",
         description=(
-            "auto: measure every candidate per operation on the device and keep the fastest correct one; "
-            "triton, compile, eager: force one."
+            "auto: measure every candidate per operation on the device (optrun's Triton kernels, Liger-Kernel's, "
+            "torch.compile, eager) and keep the fastest correct one; triton, liger, compile, eager: force one."
         ),
     )
 
