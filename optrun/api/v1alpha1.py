@@ -406,6 +406,25 @@ class RLVR(Spec):
         le=100.0,
         description="Largest mean per-token KL to the reference (nats) the acceptance test allows.",
     )
+    replay_coefficient: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "Weight of a language-model loss on the run's own training data added to every warm-up and GRPO "
+            "update (InstructGPT's PPO-ptx), so that RL on the task does not erase what fine-tuning taught; 0: none."
+        ),
+    )
+    replay_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per replay batch.")
+    max_heldout_loss_rise: float = Field(
+        0.10,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "Largest relative rise of the model's held-out loss on the run's data across the RLVR stage "
+            "the acceptance test allows (0.10 = 10%)."
+        ),
+    )
 
 
 # --- safety ---------------------------------------------------------------------------------

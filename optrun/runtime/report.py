@@ -25,7 +25,7 @@ def write(out: Path, result: Result, ctx: RunContext) -> dict[str, str]:
         paths["plot"], train.get("losses", []), train.get("evals", []), result.safety.events
     )
     paths["markdown"].write_text(
-        markdown(result, ctx.spec.workload.model, plots=["training.png"] if plotted else [])
+        markdown(result, ctx.spec.workload.model_name, plots=["training.png"] if plotted else [])
     )
     if not plotted:
         paths.pop("plot")

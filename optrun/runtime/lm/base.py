@@ -78,6 +78,9 @@ class CausalLM(nn.Module):
 
     tokenizer: Tokenizer
     family: str = "unknown"  # tiny-lm, llama, qwen2, mistral, ...
+    # Whether the patcher may also match layers by their structure (Llama-shaped norms and MLPs
+    # of a user's own model) beyond `patch_mapping`.
+    recognise_by_structure: bool = True
 
     @property
     def cfg(self) -> Any:  # Dims, or a config with the same attributes

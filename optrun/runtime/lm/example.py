@@ -52,7 +52,9 @@ def train_tokenizer(vocab_size: int = 512, *, chat_template: bool = False) -> An
     return fast
 
 
-def config_for(family: str, vocab_size: int, *, hidden: int = 64, layers: int = 2, max_positions: int = 512) -> Any:
+def config_for(
+    family: str, vocab_size: int, *, hidden: int = 64, layers: int = 2, max_positions: int = 512
+) -> Any:
     """A small transformers config of `family` (hidden size 64, two layers by default)."""
     import transformers
 

@@ -202,6 +202,10 @@ def _dims(config: Any) -> Dims:
 class HFCausalLM(CausalLM):
     """A transformers causal LM (`hf`) and its tokenizer, as optrun's `CausalLM`."""
 
+    # Patch sites come from FAMILIES only: a look-alike layer of another family (Gemma's norm
+    # scales by 1 + weight) would compute something else under a kernel.
+    recognise_by_structure = False
+
     def __init__(self, hf: nn.Module, tokenizer: HFTokenizer, *, source: str | None = None) -> None:
         super().__init__()
         self.hf = hf

@@ -197,6 +197,8 @@ def _load(source: DatasetSource, path: str) -> Any:
     datasets.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
     fmt = dataset_format(source, Path(path))
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise SourceProblem(f"{DATASET_FIELD}.path: {path} is empty (no documents)")
     try:
         if fmt == "arrow":
             loaded = datasets.load_from_disk(path)

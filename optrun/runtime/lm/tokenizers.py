@@ -32,6 +32,11 @@ class Tokenizer(Protocol):
         """The conversation in the model's chat format, or None when it has no chat template."""
         ...
 
+    def completion_text(self, ids: Sequence[int]) -> str:
+        """A generated completion (EOS removed) as text in which no special token can pass for
+        text: a reward that matches an answer never matches one with PAD or BOS inside."""
+        ...
+
 
 class ByteTokenizer:
     """The built-in models' byte-level tokenizer (`optrun.runtime.data`)."""
@@ -49,6 +54,12 @@ class ByteTokenizer:
 
     def render_chat(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str | None:
         return None
+
+    def completion_text(self, ids: Sequence[int]) -> str:
+        # ASCII as itself, other bytes as latin-1, special tokens as U+FFFD.
+        return "".join(
+            chr(t) if t < 128 else ("\ufffd" if t >= 256 else bytes([t]).decode("latin-1")) for t in ids
+        )
 
 
 class HFTokenizer:
@@ -76,6 +87,8 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once (the fast tokenizer parallelises in Rust)."""
+        if not texts:
+            return []
         return [list(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
@@ -83,6 +96,10 @@ class HFTokenizer:
         if self.eos_id in values:
             values = values[: values.index(self.eos_id)]
         return str(self.tok.decode(values, skip_special_tokens=True))
+
+    def completion_text(self, ids: Sequence[int]) -> str:
+        # Special tokens stay in as their literal text ("<pad>"), which no answer equals.
+        return str(self.tok.decode(list(ids), skip_special_tokens=False))
 
     def render_chat(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str | None:
         if not self.uses_chat_template:
