@@ -1,6 +1,6 @@
 """The result contract: what the runtime writes (report.json, and compacted as the pod's
 termination message) and what the operator and `optrun run` read. Field names are fixed by
-the project; fields may be added, never renamed. Pure pydantic: no torch, no kubernetes.
+docs/architecture.md (the result contract); fields may be added, never renamed. Pure pydantic: no torch, no kubernetes.
 """
 
 from __future__ import annotations
