@@ -134,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = _source_problems(spec)
     if problems:
         return _report_sources(args.file, problems)
+    if spec.world_size > 1 and "WORLD_SIZE" not in os.environ:
+        return _run_distributed(args, name, spec)
 
     out = Path(args.output or Path("runs") / name)
     opts = RunOptions(
@@ -154,6 +156,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     except InvalidSource as exc:  # found only once loading began (e.g. too few tokens)
         return _report_sources(args.file, exc.problems)
     summary(result, out, observer.metrics_address)
+    return EXIT[result.decision.value]
+
+
+def _run_distributed(args: argparse.Namespace, name: str, spec: OptimizationRunSpec) -> int:
+    """A multi-process run on this machine: torchrun starts processesPerNode ranks of `optrun
+    runtime`; rank 0 writes the report, which is summarised here."""
+    import subprocess
+
+    from optrun.api.result import Result
+    from optrun.runtime import distributed
+    from optrun.ui import summary
+
+    if spec.distributed.nodes > 1:
+        print(
+            f"error: spec.distributed.nodes: {spec.distributed.nodes} pods need a cluster (the operator starts one "
+            "per node); allowed here: 1",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    out = Path(args.output or Path("runs") / name)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = ["--name", name, "--metrics-port", str(args.metrics_port), "--metrics-addr", "127.0.0.1"]
+    if args.device:
+        extra += ["--device", args.device]
+    command = distributed.launch_command(args.file, str(out), spec, extra)
+    print(
+        f"{spec.world_size} ranks ({spec.distributed.strategy}) through torchrun; every rank's log in {out}/ranks",
+        file=sys.stderr,
+    )
+    done = subprocess.run(command, check=False)
+    report = out / "report.json"
+    if done.returncode == EXIT_TERM:
+        return EXIT_TERM
+    if done.returncode != 0 or not report.exists():
+        print(
+            f"the distributed run failed (torchrun exit {done.returncode}); logs in {out}/ranks",
+            file=sys.stderr,
+        )
+        return EXIT_CRASH
+    import json
+
+    result = Result.model_validate(json.loads(report.read_text()))
+    summary(result, out, "")
     return EXIT[result.decision.value]
 
 
@@ -189,6 +234,8 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         for line in exc.problems:
             log.error("invalid source: %s", line)
         result = invalid_result(spec, exc.problems)
+    if result is None:  # a rank other than 0: its part (training) is done, rank 0 reports
+        return 0
     message = result.compact()
     if args.termination_log:
         try:

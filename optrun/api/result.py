@@ -156,6 +156,16 @@ class ArtifactInfo(_Model):
     optimizations: list[str] = Field(default_factory=list, description="Every optimization applied to it.")
 
 
+class DistributedInfo(_Model):
+    """How the train stage ran on torch.distributed (absent for one process)."""
+
+    world_size: int = Field(1, ge=1, description="Ranks in all.")
+    nodes: int = Field(1, ge=1, description="Pods (one per node).")
+    processes_per_node: int = Field(1, ge=1, description="Ranks per pod.")
+    strategy: str = Field("ddp", description="ddp or fsdp.")
+    backend: str = Field("gloo", description="gloo or nccl.")
+
+
 class Result(_Model):
     decision: Decision
     score: float
@@ -169,6 +179,7 @@ class Result(_Model):
     recommendations: list[str] = Field(default_factory=list)
     scorecard: Scorecard = Field(default_factory=Scorecard)
     artifact: ArtifactInfo | None = None
+    distributed: DistributedInfo | None = None
     # Anything a stage adds (kernel choices, kv-cache sweep, rlvr curve...): free-form.
     details: dict[str, Any] = Field(default_factory=dict)
     exit_reason: str = ""

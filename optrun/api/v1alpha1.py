@@ -561,6 +561,9 @@ class Fault(Spec):
     duration_seconds: float = Field(
         0.0, ge=0.0, le=86400.0, description="For stall: how long the step hangs, in seconds."
     )
+    rank: int | None = Field(
+        None, ge=0, le=8191, description="The rank it fires on in a distributed run; default: every rank."
+    )
 
 
 class Toleration(Spec):
@@ -584,6 +587,34 @@ class Resources(Spec):
     )
     memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = Field(
         "16Gi", description="Memory request and limit (Kubernetes quantity)."
+    )
+
+
+class Distributed(Spec):
+    """Data-parallel and sharded training on torch.distributed: `nodes` pods (one per node) of
+    `processesPerNode` ranks each, started by torchrun; the global batch stays
+    workload.batchSize, split evenly over the ranks."""
+
+    nodes: int = Field(1, ge=1, le=128, description="Pods, one per node (torchrun's --nnodes).")
+    processes_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Ranks per pod (torchrun's --nproc-per-node); default: resources.gpus, or 1 without GPUs.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: DistributedDataParallel (each rank holds the model); fsdp: FSDP2 (fully_shard: "
+        "parameters, gradients and optimizer state sharded over the ranks).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend; auto: nccl on GPUs, gloo on CPUs."
+    )
+    timeout_seconds: int = Field(
+        300,
+        ge=10,
+        le=86_400,
+        description="A collective that waits longer than this (a rank hung or gone) ends the attempt with a reason.",
     )
 
 
@@ -611,6 +642,10 @@ class OptimizationRunSpec(Spec):
     faults: list[Fault] = Field(default_factory=list, max_length=32, description="Faults to inject.")
     resources: Resources = Field(default_factory=Resources, description="Runtime pod resources.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Runtime pod placement.")
+    distributed: Distributed = Field(
+        default_factory=Distributed,
+        description="torch.distributed training over several processes and nodes.",
+    )
     volumes: list[Volume] = Field(
         default_factory=list,
         max_length=16,
@@ -638,6 +673,29 @@ class OptimizationRunSpec(Spec):
         description="Seconds after the run finishes before it is deleted; unset: kept.",
     )
     suspend: bool = Field(False, description="Stop the runtime pod and keep the checkpoint; false resumes.")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: nodes x processes per node (default: one per GPU, or one)."""
+        return self.distributed.nodes * self.processes_per_node
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.distributed.processes_per_node or max(1, self.resources.gpus)
+
+    @model_validator(mode="after")
+    def _distributable(self) -> OptimizationRunSpec:
+        world = self.world_size
+        if world > 1 and self.workload.batch_size % world:
+            raise ValueError(
+                f"workload.batchSize {self.workload.batch_size} does not split evenly over {world} ranks "
+                f"(distributed.nodes x processesPerNode); allowed: a multiple of {world}"
+            )
+        if self.distributed.strategy == "fsdp" and self.workload.precision == "fp16":
+            raise ValueError(
+                "distributed.strategy fsdp trains in fp32 or bf16; allowed precision: fp32, bf16"
+            )
+        return self
 
     @field_validator("volumes")
     @classmethod

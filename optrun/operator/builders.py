@@ -166,7 +166,11 @@ def _user_volumes(run: Run) -> list[dict[str, Any]]:
 def _user_mounts(run: Run) -> list[dict[str, Any]]:
     mounts = []
     for v in run.spec.volumes:
-        mount: dict[str, Any] = {"name": USER_VOLUME_PREFIX + v.name, "mountPath": v.mount_path, "readOnly": True}
+        mount: dict[str, Any] = {
+            "name": USER_VOLUME_PREFIX + v.name,
+            "mountPath": v.mount_path,
+            "readOnly": True,
+        }
         if v.sub_path:
             mount["subPath"] = v.sub_path
         mounts.append(mount)

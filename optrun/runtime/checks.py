@@ -125,20 +125,18 @@ def checkpoint_restores(ctx: RunContext) -> Check:
     found = store.latest()
     if found is None:
         return Check(False, reason="no checkpoint found")
-    path, state = found
-    step = state["position"]["step"]
-    evals = [e for e in state["history"]["evals"] if e["step"] == step]
+    path, step = found.path, found.step
+    evals = [e for e in found.meta["history"]["evals"] if e["step"] == step]
     if not evals:
         return Check(False, measured=path.name, reason=f"{path.name} holds no evaluation of its step {step}")
     fresh = ctx.model_factory()
-    fresh.load_state_dict(state["model"])
+    # One more optimizer step from the checkpoint's optimizer state: it must load and move the weights.
+    opt = adamw(fresh, ctx.spec.training.learning_rate, ctx.spec.training.weight_decay)
+    store.restore(found, fresh, opt)
     loss = evaluate(fresh, ctx.eval_batches(), ctx.device, ctx.dtype)["loss"]
     recorded = evals[-1]["loss"]
     rel = abs(loss - recorded) / max(abs(recorded), 1e-12)
     rtol = tolerance(ctx.dtype, MODEL_TOLERANCE).rtol
-    # One more optimizer step from the checkpoint's optimizer state: it must load and move the weights.
-    opt = adamw(fresh, ctx.spec.training.learning_rate, ctx.spec.training.weight_decay)
-    opt.load_state_dict(state["optimizer"])
     before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
     x, y = ctx.corpus.batch(
         "train", min(ctx.spec.workload.sequence_length, 32), 2, torch.Generator().manual_seed(5)

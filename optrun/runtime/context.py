@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from optrun.api.result import HardwareInfo
 from optrun.api.v1alpha1 import OptimizationRunSpec
 from optrun.runtime.data import Corpus
+from optrun.runtime.distributed import Dist
 from optrun.runtime.lm.base import DTYPES, CausalLM
 
 
@@ -39,6 +40,8 @@ class RunContext:
     # Model transforms that optimizations register for the speedup matrix, by name
     # ("kernels", "compression"): each takes a model and returns the optimized model.
     transforms: dict[str, Callable[[nn.Module], nn.Module]] = field(default_factory=dict)
+    # This process's place in a distributed run (None: one process).
+    dist: Dist | None = None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -207,13 +207,17 @@ class TinyLM(CausalLM):
             x = layer(x, cache, start)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
-        """Logits (B, T, vocab)."""
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, start: int = 0, targets: Tensor | None = None
+    ) -> Tensor:
+        """Logits (B, T, vocab); with `targets`, the mean next-token cross-entropy instead, through
+        `loss_fn` so a fused kernel can take over."""
+        if targets is not None:
+            return self.loss_fn(self.hidden(tokens), self.output.weight, targets)
         return self.output(self.hidden(tokens, cache, start))
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy; goes through `loss_fn` so a fused kernel can take over."""
-        return self.loss_fn(self.hidden(tokens), self.output.weight, targets)
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layers)
 
     @property
     def cfg(self) -> ModelConfig:

@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from optrun import judge
 from optrun.api.result import (
     ArtifactInfo,
     Category,
+    DistributedInfo,
     Result,
     SafetySummary,
     TestResult,
@@ -45,7 +48,7 @@ from optrun.api.result import (
     TrainingSummary,
 )
 from optrun.api.v1alpha1 import OptimizationRunSpec
-from optrun.runtime import report
+from optrun.runtime import distributed, report
 from optrun.runtime.acceptance import SUITE
 from optrun.runtime.context import RunContext
 from optrun.runtime.data import Corpus
@@ -199,13 +202,19 @@ class _Stages:
         )
 
 
-def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | None = None) -> Result:
+def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | None = None) -> Result | None:
+    """Run every stage; the result (None on a rank other than 0 of a distributed run, whose part
+    ends with training)."""
     obs = observer or LogObserver()
     out = opts.output_dir
     out.mkdir(parents=True, exist_ok=True)
     load_suite()
-    metrics = Metrics(out / "metrics.jsonl")
-    port = metrics.serve(opts.metrics_port, opts.metrics_addr) if opts.metrics_port is not None else None
+    d = distributed.init(spec, torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    main = d is None or d.is_main
+    # Rank 0 writes the report and serves the metrics; every rank logs.
+    metrics = Metrics(out / "metrics.jsonl" if main else None)
+    serve = opts.metrics_port is not None and main
+    port = metrics.serve(opts.metrics_port, opts.metrics_addr) if serve else None
     if port is not None:
         obs.serving(f"http://127.0.0.1:{port}/metrics")
     hang_events: list[dict[str, Any]] = []
@@ -221,7 +230,7 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
     stages = _Stages(obs, metrics, results)
     try:
         with stages.run("detect"):
-            ctx = _detect(spec, opts, results)
+            ctx = _detect(spec, opts, results, d)
         o = spec.optimizations
         with stages.on_lineage("baseline", ctx):
             ctx.results["baseline"] = evaluate(ctx.model, ctx.eval_batches(), ctx.device, ctx.dtype)
@@ -230,6 +239,10 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
         )
         with stages.on_lineage("train", ctx):
             train(ctx, ctx.model, opts, obs)
+        if d is not None:
+            _leave_group(ctx)  # collective: every rank takes part
+            if not d.is_main:
+                return None  # this rank's part is done: rank 0 carries the trained model on alone
         _stage(stages, ctx, "rlvr", spec.rlvr.enabled, "spec.rlvr.enabled is false", _rlvr)
         ctx.trained = ctx.model  # the float model, before compression, for the training-side tests
         _stage(
@@ -279,9 +292,14 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
             metrics.close()
 
 
-def _detect(spec: OptimizationRunSpec, opts: RunOptions, results: dict[str, Any]) -> RunContext:
+def _detect(
+    spec: OptimizationRunSpec, opts: RunOptions, results: dict[str, Any], d: distributed.Dist | None
+) -> RunContext:
     """Hardware, the checked sources, the model (as given) and the corpus in its tokens."""
     device, hardware = detect(opts.device)
+    if d is not None:
+        device = distributed.device_for(d.local_rank, device)
+        results["distributed"] = d.describe()
     problems = check(spec)
     if problems:
         raise InvalidSource(problems)
@@ -304,6 +322,7 @@ def _detect(spec: OptimizationRunSpec, opts: RunOptions, results: dict[str, Any]
         output_dir=opts.output_dir,
         results=results,
         model=model,
+        dist=d,
     )
     results["model"] = model.describe()
     results["data"] = corpus.info
@@ -355,7 +374,10 @@ def _optional(ctx: RunContext, key: str, fn: Callable[[], object]) -> None:
         entry = ctx.results.setdefault(key, {})
         if isinstance(entry, dict):
             entry["error"] = f"{type(exc).__name__}: {exc}"
-        ctx.results.setdefault("stages", {})[key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        ctx.results.setdefault("stages", {})[key] = {
+            "status": "failed",
+            "reason": f"{type(exc).__name__}: {exc}",
+        }
 
 
 def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> None:
@@ -369,7 +391,15 @@ def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> 
     for attempt in range(1, opts.attempts + 1):
         info["attempts"] = attempt
         trainer = Trainer(
-            spec, model, ctx.corpus, ctx.device, store, metrics, stop=opts.stop, on_step=obs.step
+            spec,
+            model,
+            ctx.corpus,
+            ctx.device,
+            store,
+            metrics,
+            stop=opts.stop,
+            on_step=obs.step,
+            dist=ctx.dist,
         )
         trainer.resume()
         try:
@@ -402,7 +432,26 @@ def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> 
         events=trainer.book.events,
         step_seconds=trainer.step_times,
     )
+    if trainer.comm_stats is not None:
+        info["gradientCompression"] = trainer.comm_stats.to_dict()
+    if ctx.dist is not None:
+        info["ranks"] = distributed.gather_rank_figures(trainer, ctx.dist)
     ctx.model = trainer.model
+
+
+def _leave_group(ctx: RunContext) -> None:
+    """Rank 0 after distributed training: the whole trained model (gathered from the shards under
+    FSDP) in an unsharded copy, then out of the group, so later stages run in one process."""
+    assert ctx.dist is not None and ctx.model is not None
+    if ctx.dist.strategy == "fsdp":
+        state = distributed.full_state_on_main(ctx.model, ctx.dist)
+        if state is not None:
+            fresh = ctx.model_factory()
+            if "kernels" in ctx.transforms:
+                fresh = ctx.transforms["kernels"](fresh)
+            fresh.load_state_dict(state)
+            ctx.model = fresh
+    distributed.leave(ctx.dist)
 
 
 def invalid_result(spec: OptimizationRunSpec, problems: list[str]) -> Result:
@@ -464,6 +513,10 @@ def _result(
     art = ctx.results.get("artifact")
     if isinstance(art, dict) and "path" in art:
         result = result.model_copy(update={"artifact": ArtifactInfo.model_validate(art)})
+    if "distributed" in ctx.results:
+        result = result.model_copy(
+            update={"distributed": DistributedInfo.model_validate(ctx.results["distributed"])}
+        )
     return result
 
 

@@ -7,9 +7,11 @@ Stage entry point `apply(ctx, model)`, for `spec.optimizations.compression`:
   (quantized_linear.py); the copy is returned: it is the model every later stage (the KV-cache
   sweep, the artifact, acceptance) uses. The same transform is registered as
   ``ctx.transforms["compression"]`` for the speedup matrix.
-- target ``gradients``: a real 2-process gloo data-parallel run (ddp_run.py) trains the model
-  twice from the same weights on the same batches, with plain allreduce and with the codec's
-  comm hook (ddp_hooks.py), and records bytes per step, step times and losses.
+- target ``gradients``: in a distributed run the codec's comm hook (ddp_hooks.py) runs in the
+  training itself, and its bytes and gate are read from there (`from_training`). In a
+  one-process run, a 2-process gloo data-parallel run (ddp_run.py) trains the model twice from
+  the same weights on the same batches, with plain allreduce and with the hook, and records
+  bytes per step, step times and losses (`gradient_comparison`).
 - ``both``: both.
 
 It fills ``ctx.results["compression"]``::
@@ -97,11 +99,42 @@ def apply(ctx: RunContext, model: nn.Module) -> nn.Module:
         out["gate"] = _merge(gates)
         result = qmodel
     if cfg.target in ("gradients", "both"):
-        out["gradients"] = gradient_comparison(ctx, cfg)
+        measured = (ctx.results.get("train") or {}).get("gradientCompression")
+        out["gradients"] = from_training(ctx, measured) if measured else gradient_comparison(ctx, cfg)
         gates.append(out["gradients"]["gate"])
     out["gate"] = _merge(gates)
     log.info("compression: %s", {k: v for k, v in out.items() if k in ("codec", "target", "gate")})
     return result
+
+
+def from_training(ctx: RunContext, stats: dict[str, Any]) -> dict[str, Any]:
+    """What the codec's comm hook did in the run's own distributed training: bytes per step
+    against the dense gradients it replaced, its gate, and where training ended against the
+    model as given (with no uncompressed twin run, that is what says compressed training learned)."""
+    train = ctx.results.get("train") or {}
+    base = (ctx.results.get("baseline") or {}).get("loss")
+    ranks = train.get("ranks") or []
+    prints = {r.get("fingerprint") for r in ranks if r.get("fingerprint")}
+    checks = stats["gate"]["checks"]
+    return {
+        "source": "training",
+        "worldSize": (ctx.results.get("distributed") or {}).get("worldSize"),
+        "steps": stats["steps"],
+        "bytesPerStep": stats["bytesPerStep"],
+        "baselineBytesPerStep": stats["denseBytesPerStep"],
+        "bytesRatio": stats["denseBytesPerStep"] / stats["bytesPerStep"] if stats["bytesPerStep"] else None,
+        "baselineLoss": base,
+        "compressedLoss": train.get("final_loss"),
+        "ranksAgree": len(prints) <= 1,
+        "meanError": stats.get("meanError"),
+        "maxError": stats.get("maxError"),
+        "gate": {
+            "trips": stats["gate"]["trips"],
+            "tensors": checks,
+            "recoveries": stats["gate"]["trips"],
+            "failed": checks > 0 and stats["gate"]["trips"] == checks,
+        },
+    }
 
 
 def gradient_comparison(ctx: RunContext, cfg: Compression) -> dict[str, Any]:

@@ -130,6 +130,15 @@ def optimize(ctx: RunContext, model: nn.Module) -> nn.Module:
         repeats=max(3, ctx.spec.acceptance.repeats),
     )
     choices = {op: s.choice for op, s in selections.items()}
+    if ctx.dist is not None:
+        # Every rank runs rank 0's choices: ranks that timed differently must still compute alike.
+        import torch.distributed as dist
+
+        box = [choices]
+        dist.broadcast_object_list(box, src=0)
+        choices = box[0]
+        for op, sel in selections.items():
+            sel.choice = choices[op]
     report = patch_model(model, choices)
 
     def transform(m: nn.Module) -> nn.Module:

@@ -4,8 +4,11 @@ A stage never asks what kind of model it holds. It calls
 
     model(tokens, cache=None, start=0) -> logits (B, T, V)   forward; with an optrun KV cache,
                                                              `tokens` sit at positions [start, start+T)
-    model.loss(tokens, targets)        -> mean next-token cross-entropy (ignore_index -100),
-                                          through `model.loss_fn` so a fused kernel can take it over
+    model.loss(tokens, targets)        -> mean next-token cross-entropy (ignore_index -100), which
+                                          is model(tokens, targets=targets): through forward (what
+                                          DDP and FSDP hook) and `model.loss_fn` (what a fused
+                                          kernel takes over)
+    model.blocks()                     -> the decoder layers (FSDP's units)
     model.cfg                          -> Dims: vocab_size, dim, n_layers, n_heads, n_kv_heads,
                                           head_dim, max_seq_len (what caches and sweeps size by)
     model.tokenizer                    -> Tokenizer (text <-> ids, bos/eos/pad)
@@ -86,10 +89,18 @@ class CausalLM(nn.Module):
     def cfg(self) -> Any:  # Dims, or a config with the same attributes
         raise NotImplementedError
 
-    def forward(self, tokens: Tensor, cache: Any = None, start: int = 0) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: Any = None, start: int = 0, targets: Tensor | None = None
+    ) -> Tensor:
         raise NotImplementedError
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """The loss goes through forward (`targets=`): wrappers that hook a module's forward
+        (DDP, FSDP2's fully_shard) then see every computation the model does."""
+        return self(tokens, targets=targets)
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder layers, in order (FSDP shards each as its own unit)."""
         raise NotImplementedError
 
     def layer_group(self, param_name: str) -> str:

@@ -28,11 +28,14 @@ class SimulatedOOM(torch.OutOfMemoryError):
 
 
 class FaultInjector:
-    def __init__(self, faults: list[Fault]) -> None:
+    def __init__(self, faults: list[Fault], rank: int = 0) -> None:
         self.faults = list(faults)
+        self.rank = rank
         self.fired: set[int] = set()  # indexes of one-shot faults that already fired
 
     def _fires(self, i: int, f: Fault, step: int) -> bool:
+        if f.rank is not None and f.rank != self.rank:
+            return False
         if f.persistent:
             return step >= f.at_step
         return step == f.at_step and i not in self.fired

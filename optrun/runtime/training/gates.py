@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +41,25 @@ def layer_group(param_name: str) -> str:
     return m.group(1) if m else param_name.split(".", 1)[0]
 
 
-def group_grad_norms(model: nn.Module) -> dict[str, float]:
+def group_grad_norms(
+    model: nn.Module, reduce: Callable[[dict[str, float]], dict[str, float]] | None = None
+) -> dict[str, float]:
     """L2 norm of the gradient per layer group (parameters without a gradient are skipped); the
-    groups are the model's own (`CausalLM.layer_group`), by name pattern otherwise."""
+    groups are the model's own (`CausalLM.layer_group`), by name pattern otherwise. Sharded
+    gradients (FSDP's DTensors) count their local shard; `reduce` sums the squares over ranks."""
     group_of = getattr(model, "layer_group", layer_group)
     sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         g = group_of(name)
-        val = p.grad.detach().float().pow(2).sum()
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        val = grad.detach().float().pow(2).sum()
         sq[g] = sq[g] + val if g in sq else val
-    return {g: math.sqrt(v.item()) for g, v in sq.items()}
+    squares = {g: float(v.item()) for g, v in sq.items()}
+    if reduce is not None:
+        squares = reduce(squares)
+    return {g: math.sqrt(v) for g, v in squares.items()}
 
 
 def check_loss(loss: torch.Tensor) -> Trip | None:

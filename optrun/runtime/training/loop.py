@@ -30,10 +30,12 @@ from torch import nn
 
 from optrun.api.result import TrainingSummary
 from optrun.api.v1alpha1 import OptimizationRunSpec
+from optrun.runtime import distributed
 from optrun.runtime.data import Corpus
+from optrun.runtime.distributed import Dist
 from optrun.runtime.lm.base import DTYPES, adamw, autocast, evaluate
 from optrun.runtime.metrics import Metrics
-from optrun.runtime.training.checkpoint import CheckpointStore, rng_state, set_rng_state
+from optrun.runtime.training.checkpoint import Checkpoint, CheckpointStore, rng_state, set_rng_state
 from optrun.runtime.training.faults import FaultInjector, InjectedFault
 from optrun.runtime.training.gates import (
     SafetyGateFailed,
@@ -107,9 +109,14 @@ class Trainer:
         *,
         stop: threading.Event | None = None,
         on_step: Callable[[Trainer], None] | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
+        self.dist = dist
+        # What a step calls: the model itself, or its DDP / FSDP2 form on this rank. FSDP2 turns
+        # the parameters into sharded DTensors, so the optimizer is built after wrapping.
+        self.module, self.comm_stats = (model, None) if dist is None else distributed.wrap(model, dist, spec)
         self.corpus = corpus
         self.device = device
         self.store = store
@@ -119,6 +126,9 @@ class Trainer:
         t = spec.training
         w = spec.workload
         self.seq_len, self.batch_size = w.sequence_length, w.batch_size
+        # This rank's rows of the global batch (all of it in a one-process run).
+        world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
+        self.rows = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
         self.steps_per_epoch = t.steps_per_epoch or corpus.batches_per_epoch(self.seq_len, self.batch_size)
         self.total_steps = self.steps_per_epoch * t.epochs
         self.eval_every = max(1, self.steps_per_epoch // 4)
@@ -129,7 +139,7 @@ class Trainer:
         )
         self.amp_dtype = DTYPES[w.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=w.precision == "fp16")
-        self.faults = FaultInjector(spec.faults)
+        self.faults = FaultInjector(spec.faults, rank=dist.rank if dist is not None else 0)
         self.book = Bookkeeping()
         # Position and history (rolled back with the weights).
         self.epoch = 0
@@ -143,10 +153,9 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, Any]:
+        """Everything a checkpoint holds beside the model's and the optimizer's tensors."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -155,26 +164,27 @@ class Trainer:
             "history": {"losses": list(self.losses), "evals": list(self.evals)},
             "bookkeeping": self.book.to_dict(),
             "faults_fired": self.faults.state(),
+            "world": self.dist.describe() if self.dist is not None else {"worldSize": 1},
         }
 
-    def _load(self, state: dict[str, Any], *, bookkeeping: bool) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        pos = state["position"]
+    def _load(self, ckpt: Checkpoint, *, bookkeeping: bool) -> None:
+        self.store.restore(ckpt, self.model, self.optimizer)
+        meta = ckpt.meta
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.scaler.load_state_dict(meta["scaler"])
+        set_rng_state(meta["rng"])
+        pos = meta["position"]
         self.epoch, self.step_in_epoch, self.step = pos["epoch"], pos["step_in_epoch"], pos["step"]
         self.gen = torch.Generator().manual_seed(0)
-        self.gen.set_state(state["generator"])
-        self.losses = [tuple(x) for x in state["history"]["losses"]]  # type: ignore[misc]
-        self.evals = list(state["history"]["evals"])
+        self.gen.set_state(meta["generator"])
+        self.losses = [tuple(x) for x in meta["history"]["losses"]]  # type: ignore[misc]
+        self.evals = list(meta["history"]["evals"])
         if bookkeeping:
-            self.book = Bookkeeping.from_dict(state["bookkeeping"])
-            self.faults.load_state(state["faults_fired"])
+            self.book = Bookkeeping.from_dict(meta["bookkeeping"])
+            self.faults.load_state(meta["faults_fired"])
 
     def checkpoint(self) -> None:
-        self.store.save(self.step, self.state_dict())
+        self.store.save(self.step, self.meta(), model=self.model, optimizer=self.optimizer)
         self.last_checkpoint_step = self.step
         self.metrics.record("checkpoint", step=self.step)
 
@@ -183,11 +193,10 @@ class Trainer:
         found = self.store.latest()
         if found is None:
             return False
-        path, state = found
-        self._load(state, bookkeeping=True)
+        self._load(found, bookkeeping=True)
         self.last_checkpoint_step = self.step
-        log.info("resumed from %s (epoch %d, step %d)", path.name, self.epoch, self.step)
-        self.metrics.record("resume", step=self.step, checkpoint=path.name)
+        log.info("resumed from %s (epoch %d, step %d)", found.path.name, self.epoch, self.step)
+        self.metrics.record("resume", step=self.step, checkpoint=found.path.name)
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -227,6 +236,7 @@ class Trainer:
     def _one_step(self) -> None:
         step = self.step
         x, y = self.corpus.batch("train", self.seq_len, self.batch_size, self.gen)
+        x, y = x[self.rows], y[self.rows]  # every rank draws the global batch, and trains on its rows
         if step in self.book.skip_steps:
             self._advance(skipped=True)
             self.metrics.record("skip", step=step)
@@ -280,16 +290,23 @@ class Trainer:
         total = 0.0
         for xs, ys in zip(x.chunk(n), y.chunk(n), strict=True):
             with self._autocast():
-                loss = self.model.loss(xs, ys) * (xs.shape[0] / x.shape[0])
+                loss = self.module(xs, targets=ys) * (xs.shape[0] / x.shape[0])
             loss = self.faults.corrupt_loss(step, loss)
             trip = check_loss(loss)
-            if trip is not None:
+            # Collective: a rank that skipped its backward would leave the others waiting in
+            # the gradient all-reduce, so every rank learns of a trip on any rank first.
+            if distributed.any_rank(trip is not None, self.dist, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
-                return trip, float("nan")
+                return trip or Trip("nan_loss", "non-finite loss on another rank"), float("nan")
             self.scaler.scale(loss).backward()
             total += loss.item()
         self.scaler.unscale_(self.optimizer)
-        trip = check_gradients(group_grad_norms(self.model), self.spec.safety.gradient_flow)
+        sharded = self.dist is not None and self.dist.strategy == "fsdp"
+        norms = group_grad_norms(
+            self.model,
+            reduce=(lambda sq: distributed.sum_over_ranks(sq, self.dist, self.device)) if sharded else None,
+        )
+        trip = check_gradients(norms, self.spec.safety.gradient_flow)
         if trip is not None:
             self.optimizer.zero_grad(set_to_none=True)
         return trip, total
@@ -313,11 +330,8 @@ class Trainer:
         would replay the step and fire the same fault again, every attempt. Only the record of
         fired faults changes; the training state in the checkpoint stays as it was."""
         found = self.store.latest()
-        if found is None:
-            return
-        _path, state = found
-        state["faults_fired"] = self.faults.state()
-        self.store.save(state["position"]["step"], state)
+        if found is not None:
+            self.store.update_meta(found, faults_fired=self.faults.state())
 
     # -- gates and recovery ---------------------------------------------------------------
 
@@ -349,8 +363,8 @@ class Trainer:
         found = self.store.latest()
         if found is None:
             raise SafetyGateFailed(trip.gate, "no checkpoint to roll back to")
-        path, state = found
-        self._load(state, bookkeeping=False)
+        path = found.path
+        self._load(found, bookkeeping=False)
         self.book.lr_scale *= 0.5
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             g["lr"] = lr * self.book.lr_scale
@@ -367,7 +381,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        result = evaluate(self.model, self.eval_set, self.device, self.amp_dtype)
+        # Under FSDP every rank runs the forward (the shards are gathered collectively).
+        result = evaluate(
+            self.module if self.dist is not None else self.model, self.eval_set, self.device, self.amp_dtype
+        )
         point = {"epoch": self.epoch, "step": self.step, **result}
         self.evals.append(point)
         self.metrics.evaluation(

@@ -114,15 +114,18 @@ def test_checkpoint_check_fails_when_the_checkpoint_does_not_hold_the_trained_mo
     from optrun.runtime.training.checkpoint import CheckpointStore
 
     store = CheckpointStore(trained.output_dir / "checkpoints", keep=trained.spec.training.checkpoint.keep)
-    path, state = store.latest()
-    broken = CheckpointStore(tmp_path / "checkpoints", keep=2)
-    state["model"] = {
-        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state["model"].items()
-    }
-    broken.save(state["position"]["step"], state)
+    found = store.latest()
+    assert found is not None
+    # The same checkpoint, with weights that are not the ones it recorded its evaluation for.
+    model = trained.model_factory()
+    store.restore(found, model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    CheckpointStore(tmp_path / "checkpoints", keep=2).save(found.step, found.meta, model=model)
     result = checks.checkpoint_restores(dataclasses.replace(trained, output_dir=tmp_path))
     assert not result.passed
-    assert f"{path.name} (step {state['position']['step']}) in a fresh model: held-out loss" in result.reason
+    assert f"{found.path.name} (step {found.step}) in a fresh model: held-out loss" in result.reason
 
 
 def test_checkpoint_check_fails_without_checkpoints(trained: RunContext, tmp_path: Path) -> None:
