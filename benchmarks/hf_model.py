@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small model (what a CPU can run)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 2; quick 2)")
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per training batch (default 8192; quick 512)")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="tokens per training batch (default 8192; quick 512)"
+    )
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--sections", default="kernels,train,decode,kvcache")
     args = ap.parse_args(argv)
@@ -105,12 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(","))
     rows: list[dict[str, Any]] = []
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    print(f"device {hw.name} ({device}), {dtype}, {layers} layers of {'quick' if quick else 'Llama-3-8B'} dims")
+    print(
+        f"device {hw.name} ({device}), {dtype}, {layers} layers of {'quick' if quick else 'Llama-3-8B'} dims"
+    )
 
     def row(section: str, what: str, impl: str, value: float, unit: str, extra: str = "") -> None:
         rows.append(
-            {"time": stamp, "device": hw.name, "section": section, "what": what, "impl": impl,
-             "value": round(value, 6), "unit": unit, "note": extra}
+            {
+                "time": stamp,
+                "device": hw.name,
+                "section": section,
+                "what": what,
+                "impl": impl,
+                "value": round(value, 6),
+                "unit": unit,
+                "note": extra,
+            }
         )
 
     gen = torch.Generator().manual_seed(0)
@@ -123,10 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         model = build(dims, layers, dtype, device)
         autocast = None if dtype == torch.float32 else dtype
         selections = select_kernels(
-            model, lambda: model.loss(x, y), device=device, device_name=hw.name, autocast_dtype=autocast,
-            cache_path=None, repeats=5,
+            model,
+            lambda: model.loss(x, y),
+            device=device,
+            device_name=hw.name,
+            autocast_dtype=autocast,
+            cache_path=None,
+            repeats=5,
         )
-        print(f"{'op':<14}" + "".join(f"{c:>12}" for c in ("eager", "compile", "triton", "liger")) + "   choice")
+        print(
+            f"{'op':<14}" + "".join(f"{c:>12}" for c in ("eager", "compile", "triton", "liger")) + "   choice"
+        )
         for op, sel in selections.items():
             eager = sel.times.get("eager")
             cells = []
@@ -139,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             for cand, why in sel.skipped.items():
                 print(f"    {cand}: {why}")
         if "train" in sections:
-            from optrun.runtime.lm.base import adamw, autocast as amp
+            from optrun.runtime.lm.base import adamw
+            from optrun.runtime.lm.base import autocast as amp
 
-            for label, choices in (("eager", "eager"), ("selected", {op: s.choice for op, s in selections.items()})):
+            for label, choices in (
+                ("eager", "eager"),
+                ("selected", {op: s.choice for op, s in selections.items()}),
+            ):
                 m = build(dims, layers, dtype, device)
                 patch_model(m, choices)
                 opt = adamw(m, 1e-5)
@@ -171,7 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             variants[codec] = quantize_model(base, codec, 1.0)[0]
         for name, m in variants.items():
             reset(device)
-            t = measure(lambda m=m: generate(m, prompt, 32, eos_id=None, cache_dtype="bf16" if dtype == torch.bfloat16 else "fp32"), device, warmup=1, repeats=3)
+            t = measure(
+                lambda m=m: generate(
+                    m, prompt, 32, eos_id=None, cache_dtype="bf16" if dtype == torch.bfloat16 else "fp32"
+                ),
+                device,
+                warmup=1,
+                repeats=3,
+            )
             tps = 32 / t.median
             mib = model_weight_bytes(m) / 2**20
             print(f"decode {name:<6} {tps:10.1f} tokens/s   weights {mib:9.1f} MiB")
@@ -200,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
             t = measure(decode, device, warmup=1, repeats=3)
             tps = b * 16 / t.median
-            print(f"kv {cache_dtype:<5} batch {b:4d} in {budget / 2**20:.0f} MiB at {context} tokens: {tps:10.1f} tokens/s")
+            print(
+                f"kv {cache_dtype:<5} batch {b:4d} in {budget / 2**20:.0f} MiB at {context} tokens: {tps:10.1f} tokens/s"
+            )
             row("kvcache", f"ctx{context}-budget{budget}", cache_dtype, tps, "tokens/s", f"batch {b}")
             del cache, prompt
         synchronize(device)

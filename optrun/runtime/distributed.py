@@ -121,6 +121,16 @@ def any_rank(flag: bool, d: Dist | None, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_ranks(value: float, d: Dist | None, device: torch.device) -> float:
+    """The mean of a scalar over the ranks (each rank's loss is its rows' mean: equal rows per
+    rank make this the global batch's loss)."""
+    if d is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device if d.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / d.world_size
+
+
 def sum_over_ranks(values: dict[str, float], d: Dist | None, device: torch.device) -> dict[str, float]:
     """Per-key sums over the ranks (the squared gradient norms of sharded parameters)."""
     if d is None or not values:

@@ -270,6 +270,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         self.step_times.append(seconds)
+        loss = distributed.mean_over_ranks(loss, self.dist, self.device)  # the global batch's loss
         self.losses.append((step, loss))
         self.metrics.train_step(
             epoch=self.epoch,
