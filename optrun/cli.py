@@ -63,11 +63,40 @@ def _load_or_report(path: str) -> tuple[str, OptimizationRunSpec] | None:
         return None
 
 
+def policy_problems(spec: OptimizationRunSpec) -> list[str]:
+    """What validating the acceptance policy needs the runtime for: overrides named against the
+    registry of built-in tests, the baseline's file. ImportError without the runtime extra."""
+    from optrun import judge
+    from optrun.runtime.acceptance import SUITE
+    from optrun.runtime.orchestrator import load_suite
+    from optrun.runtime.report import baseline_problems
+
+    load_suite()
+    return judge.policy_problems(spec.acceptance, SUITE.names()) + baseline_problems(spec.acceptance)
+
+
+def _report_problems(path: str, problems: list[str]) -> bool:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if problems:
+        print(f"{path}: {len(problems)} error(s); nothing was run", file=sys.stderr)
+    return bool(problems)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.file)
     if loaded is None:
         return EXIT_INVALID
     name, spec = loaded
+    try:
+        problems = policy_problems(spec)
+    except ImportError as exc:
+        print(
+            f"note: overrides of built-in tests were not checked (no runtime extra: {exc})", file=sys.stderr
+        )
+        problems = []
+    if _report_problems(args.file, problems):
+        return EXIT_INVALID
     enabled = [k for k, v in spec.optimizations.model_dump().items() if v.get("enabled")]
     print(
         f"{args.file}: valid OptimizationRun {name!r} (model {spec.workload.model}, "
@@ -105,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_INVALID
     name, spec = loaded
+    if _report_problems(args.file, policy_problems(spec)):
+        return EXIT_INVALID
     from optrun.runtime.orchestrator import RunOptions, execute
     from optrun.runtime.training.loop import Interrupted
     from optrun.ui import ConsoleObserver, summary
@@ -136,8 +167,11 @@ def cmd_runtime(args: argparse.Namespace) -> int:
 
     try:
         name, spec = load_manifest(args.spec)
+        problems = policy_problems(spec)
     except ManifestError as exc:
-        for line in exc.problems:
+        problems = exc.problems
+    if problems:
+        for line in problems:
             log.error("invalid manifest: %s", line)
         return EXIT_INVALID
     opts = RunOptions(

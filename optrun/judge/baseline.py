@@ -3,7 +3,7 @@
 The figures (`figures`), by metric path, each with the direction that is better:
 
 - ``training.finalAccuracy`` (higher), ``training.finalLoss`` (lower), ``training.tokensPerSecond``
-  (higher; timed), when the run trained;
+  (higher; timed; not when 0, which means unmeasured), when the run trained;
 - ``speedups.<key>.median`` (higher; timed);
 - ``tests.<name>``: each built-in test whose measurement is one finite number and whose range
   has one end: a minimum says higher is better, a maximum lower. A range with both ends (or an
@@ -80,7 +80,7 @@ def figures(doc: Mapping[str, Any]) -> dict[str, Figure]:
             ("tokensPerSecond", "higher", True),
         ):
             value = _number(training.get(key))
-            if value is not None:
+            if value is not None and not (timed and value == 0.0):  # a throughput of 0: not measured
                 out[f"training.{key}"] = Figure(value, better, timed)  # type: ignore[arg-type]
     for key, timing in (doc.get("speedups") or {}).items():
         value = _number((timing or {}).get("median"))
