@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# Where the runtime pod finds the result of spec.acceptance.baseline.run: the operator mounts
+# the earlier run's stored result (its compact form) and names the file in this variable.
+BASELINE_ENV = "OPTRUN_BASELINE_RESULT"
+
 
 class _Model(BaseModel):
     # Results are read back from pods that may run a newer runtime: tolerate added fields.

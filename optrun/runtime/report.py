@@ -17,15 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from optrun.api.result import Result, TestResult
+from optrun.api.result import BASELINE_ENV, Result, TestResult
 from optrun.api.v1alpha1 import Acceptance
 from optrun.judge import Baseline
 from optrun.runtime.context import RunContext
 
 log = logging.getLogger(__name__)
-
-# Where the runtime pod finds the result of spec.acceptance.baseline.run (set by the operator).
-BASELINE_ENV = "OPTRUN_BASELINE_RESULT"
 
 
 def load_baseline(policy: Acceptance) -> Baseline | None:
