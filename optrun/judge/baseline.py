@@ -8,7 +8,8 @@ The figures (`figures`), by metric path, each with the direction that is better:
 - ``tests.<name>``: each built-in test whose measurement is one finite number and whose range
   has one end: a minimum says higher is better, a maximum lower. A range with both ends (or an
   exact value) has no direction to regress in, and the ``speedup.<key>`` tests measure the
-  ``speedups`` figures already, so neither is a figure of its own.
+  ``speedups`` figures already, so neither is a figure of its own. A test with repeats is timed,
+  and so are the few timed without them (`TIMED_TESTS`); `NOT_COMPARED` lists the exceptions.
 
 A baseline is an earlier report.json or, in the cluster, the compact result of an earlier
 OptimizationRun (its termination message, which keeps `Result.figures`). A figure that one of
@@ -50,6 +51,14 @@ DEFAULT_TOLERANCES: Final[dict[str, float]] = {
 }
 # Regressions named in the test's reason before "and N more".
 _NAMED: Final = 5
+# Built-in tests (the runtime's names; a unit test checks them against its registry) whose
+# result does not say what a baseline needs to know: timed measurements without repeats (ratios
+# of throughputs and step times, as noisy as any timing), and a measurement with a one-ended
+# range that is a sanity floor, not a figure with a better direction.
+TIMED_TESTS: Final = ("tuning.batch-efficiency", "stability.step-time-steady", "kvcache.throughput-scaling")
+NOT_COMPARED: Final = {
+    "tuning.gradient-flow": "a floor against vanished gradients (1e-8), not a figure that regresses"
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +95,7 @@ def figures(doc: Mapping[str, Any]) -> dict[str, Figure]:
         value = _number((timing or {}).get("median"))
         if value is not None:
             out[f"speedups.{key}.median"] = Figure(value, "higher", True)
-    skip = {f"speedup.{k}" for k in SPEEDUP_KEYS}
+    skip = {f"speedup.{k}" for k in SPEEDUP_KEYS} | set(NOT_COMPARED)
     for test in doc.get("tests") or []:
         if test.get("origin", "suite") != "suite" or test.get("name") in skip:
             continue
@@ -95,7 +104,7 @@ def figures(doc: Mapping[str, Any]) -> dict[str, Figure]:
         lo, hi = expected.get("min"), expected.get("max")
         if value is None or expected.get("equals") is not None or (lo is None) == (hi is None):
             continue
-        timed = (test.get("repeats") or 0) > 1
+        timed = (test.get("repeats") or 0) > 1 or test["name"] in TIMED_TESTS
         out[f"tests.{test['name']}"] = Figure(value, "higher" if lo is not None else "lower", timed)
     return out
 

@@ -251,7 +251,8 @@ def test_a_failed_critical_user_test_is_never_go(
         assert t.passed == ((lo is None or accuracy >= lo) and (hi is None or accuracy <= hi))
     if any(t.critical and not t.passed for t in mine):
         assert result.decision == Decision.NO_GO
-        assert next(t.name for t in mine if t.critical and not t.passed) in result.decision_reason
+        if result.acceptance.critical_failed <= 5:  # beyond five, the reason says "and N more"
+            assert next(t.name for t in mine if t.critical and not t.passed) in result.decision_reason
 
 
 @given(suites(min_size=1), policies(), st.data())

@@ -198,3 +198,12 @@ def test_a_baseline_run_is_read_from_what_the_operator_mounts(
     found = report.load_baseline(policy)
     assert found is not None and found.source == "run: earlier" and found.result is not None
     assert found.result["figures"]["training.finalAccuracy"] == 0.47
+
+
+def test_the_judge_s_exceptions_name_registered_tests() -> None:
+    from optrun.judge.baseline import NOT_COMPARED, TIMED_TESTS
+    from optrun.runtime.acceptance import SUITE
+    from optrun.runtime.orchestrator import load_suite
+
+    load_suite()
+    assert {*TIMED_TESTS, *NOT_COMPARED} <= set(SUITE.names())
