@@ -341,7 +341,6 @@ class Weights(Spec):
 
 
 Objective = Literal["speed", "memory", "both"]
-OBJECTIVES = ("speed", "memory", "both")
 # Memory figures judged with objective memory or both: reference bytes over optimized bytes.
 MEMORY_KEYS = ("kvcache", "weights")
 # A test of the user's own has a name without a dot; every built-in test's name has one

@@ -87,7 +87,7 @@ SPEED_RANGES: dict[str, dict[str, dict[str, Bounds]]] = {
             "kernels": (0.7, 2.0),
             "compression": (0.2, None),
             "kernels+compression": (0.2, None),
-            "kvcache": (0.5, None),
+            "kvcache": (0.3, None),
             "all": (0.2, None),
         },
     },
