@@ -49,6 +49,7 @@ FIELDS = [
     "machine",
     "device",
     "torch",
+    "threads",
     "model",
     "precision",
     "case",
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} ({hardware.cpu_count} cpus)",
         "device": hardware.name,
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "model": args.model,
         "precision": args.precision,
     }
