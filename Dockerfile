@@ -6,7 +6,7 @@
 #   docker build --target runtime  -t ghcr.io/optrun/optrun-runtime:0.1.0  .
 #
 # operator  the Kubernetes operator: slim Python, the `operator` extra, no torch and no triton
-#           (DESIGN.md: the operator image carries no torch). Entry point `optrun operator`.
+#           (docs/architecture.md: the operator carries no torch). Entry point `optrun operator`.
 # runtime   what each run's pod executes: a CUDA base with torch and triton (the `runtime`
 #           extra) and a C compiler, which triton needs at run time to build its GPU launcher.
 #           Entry point `optrun`; the operator's pods run `optrun runtime --spec ...`.
@@ -18,6 +18,12 @@
 #
 # The bases are pinned to exact release tags. For production builds, pin them by digest as
 # well (`python:3.11.13-slim-bookworm@sha256:...`), e.g. through the build arguments below.
+#
+# Dependencies: each image installs its lock (requirements/operator.txt, runtime.txt: exact
+# versions, written by hack/lock.sh from pyproject.toml) in a layer of its own, before the code is
+# copied, so a code change rebuilds only the small layer of the optrun package. pip's downloads
+# stay in a BuildKit cache mount (not in the image), so a changed lock downloads only what
+# changed. Each image keeps `pip freeze` of what it got in /opt/optrun/installed.txt.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
@@ -26,11 +32,20 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM ${PYTHON_IMAGE} AS operator-build
 WORKDIR /src
+# The operator's lock alone: exactly its versions and nothing else (--no-deps), for the same
+# CPython minor and platform the lock was resolved on; `pip check` fails the build on a gap.
+COPY requirements/operator.txt /tmp/requirements.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m venv /opt/optrun \
+    && /opt/optrun/bin/pip install --no-deps -r /tmp/requirements.txt \
+    && /opt/optrun/bin/pip check
 # Only what the package build reads: a change under tests/ or examples/ does not rebuild.
 COPY pyproject.toml README.md ./
 COPY optrun ./optrun
-RUN python -m venv /opt/optrun \
-    && /opt/optrun/bin/pip install --no-cache-dir ".[operator]"
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/optrun/bin/pip install --no-deps . \
+    && /opt/optrun/bin/pip check \
+    && /opt/optrun/bin/pip freeze --exclude optrun >/opt/optrun/installed.txt
 
 FROM ${PYTHON_IMAGE} AS operator
 LABEL org.opencontainers.image.title="optrun-operator" \
@@ -58,12 +73,25 @@ RUN apt-get update \
 
 FROM runtime-base AS runtime-build
 WORKDIR /src
+# The runtime's lock says torch==2.13.0, which on the developers' machines is satisfied by a
+# local CPU wheel (2.13.0+cpu). Here pip finds PyPI's linux/amd64 build of that version, the
+# CUDA 13 one, which brings the CUDA runtime as wheels: cuda-toolkit and nvidia-* libraries,
+# pinned exactly by torch's own metadata (==), cuda-bindings by a range. So this install lets pip
+# add torch's dependencies (no --no-deps): every locked package keeps its locked version, the
+# CUDA wheels come on top, and installed.txt records the whole set. The base needs only the
+# driver the NVIDIA container toolkit mounts (CUDA 13 wheels: driver 580 or newer).
+# triton==3.7.1 in the lock is what this torch build requires.
+COPY requirements/runtime.txt /tmp/requirements.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/optrun \
+    && /opt/optrun/bin/pip install -r /tmp/requirements.txt \
+    && /opt/optrun/bin/pip check
 COPY pyproject.toml README.md ./
 COPY optrun ./optrun
-# torch from PyPI on linux/amd64 is the CUDA build; it carries the CUDA runtime libraries as
-# nvidia-* wheels, so the base only needs the driver that the NVIDIA container toolkit mounts.
-RUN python3 -m venv /opt/optrun \
-    && /opt/optrun/bin/pip install --no-cache-dir ".[runtime]"
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/optrun/bin/pip install --no-deps . \
+    && /opt/optrun/bin/pip check \
+    && /opt/optrun/bin/pip freeze --exclude optrun >/opt/optrun/installed.txt
 
 FROM runtime-base AS runtime
 LABEL org.opencontainers.image.title="optrun-runtime" \

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # Provides the Python environment for optrun, in two layers:
 #
-#   $cache/venv-<key>   every dependency (torch, triton, kopf, pytest, ...), built once per
-#                       dependency set and interpreter (the key), shared by every checkout;
+#   $cache/venv-<key>   every dependency (torch, triton, kopf, pytest, ...), exactly the lock
+#                       requirements/dev.txt (hack/lock.sh writes it from pyproject.toml), built
+#                       once per lock and interpreter (the key), shared by every checkout;
 #   <checkout>/.venv    a small venv of this checkout alone: it sees the cached dependencies
 #                       through a .pth file and holds this checkout installed editable, with
 #                       the console scripts (optrun, pytest, ruff, ...) bound to it.
 #
 # Two checkouts (a work tree and a CI clone) never point each other's `optrun` at the wrong
-# code, and a changed dependency list builds a fresh cache entry. Prints the .venv path.
+# code, and a changed lock builds a fresh cache entry (old ones stay). Prints the .venv path.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${OPTRUN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/optrun}
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || { echo "setup: $py not found; set PYTHON to a Python >= 3.11" >&2; exit 1; }
-# The key covers what pip installs (dependencies and extras) and the interpreter, not tool settings.
-key=$("$py" - "$root/pyproject.toml" <<'PY'
-import hashlib, json, sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-deps = {"dependencies": project.get("dependencies", []), "extras": project.get("optional-dependencies", {})}
-print(hashlib.sha256((json.dumps(deps, sort_keys=True) + sys.version).encode()).hexdigest()[:16])
-PY
-)
+lock=$root/requirements/dev.txt
+[ -f "$lock" ] || { echo "setup: $lock is missing; run hack/lock.sh" >&2; exit 1; }
+# The key covers what pip installs (the lock) and the interpreter; a lock older than the
+# dependency lines of pyproject.toml is used as it is, with a warning (the unit tests fail on it).
+if ! grep -qx "# pyproject-dependencies-sha256: $("$py" "$root/hack/deps_digest.py" "$root/pyproject.toml")" "$lock"; then
+  echo "setup: warning: requirements/*.txt are older than pyproject.toml's dependency lines; run hack/lock.sh" >&2
+fi
+key=$("$py" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read() + sys.version.encode()).hexdigest()[:16])' "$lock")
 deps=$cache/venv-$key
 log=$cache/setup-$key.log
 mkdir -p "$cache"
@@ -29,18 +30,12 @@ if [ ! -f "$deps/.complete" ]; then
   echo "setup: installing the dependencies into $deps (once per dependency set; log in $log)" >&2
   rm -rf "$deps"
   "$py" -m venv "$deps"
-  # The requirement list comes from pyproject.toml; the project itself is not installed here.
-  "$py" - "$root/pyproject.toml" >"$deps/requirements.txt" <<'PY'
-import sys, tomllib
-project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-reqs = list(project.get("dependencies", []))
-for extra in ("runtime", "operator", "dev"):
-    reqs += project.get("optional-dependencies", {}).get(extra, [])
-print("\n".join(dict.fromkeys(reqs)))
-PY
-  # torch==2.13.0 is pinned in pyproject: on this machine pip takes the CPU build from disk.
-  if ! { "$deps/bin/pip" install --upgrade "pip>=24" "setuptools>=68" wheel &&
-    "$deps/bin/pip" install -r "$deps/requirements.txt"; } >"$log" 2>&1; then
+  # The lock, copied beside the venv it made; the project itself is not installed here.
+  cp "$lock" "$deps/requirements.txt"
+  # torch==2.13.0 in the lock: on this machine pip takes the CPU build (2.13.0+cpu) from disk.
+  # The lock is the whole set, so pip adds nothing to it; `pip check` proves it is consistent.
+  if ! { "$deps/bin/pip" install --upgrade "pip>=24" &&
+    "$deps/bin/pip" install -r "$deps/requirements.txt" && "$deps/bin/pip" check; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "setup: pip failed; the whole log is $log" >&2
     exit 1

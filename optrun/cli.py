@@ -3,6 +3,7 @@
     optrun run FILE.yaml [--output DIR]   run an OptimizationRun on this machine (CPU or GPU)
     optrun validate FILE.yaml             check a manifest; every error names its field
     optrun crd                            print the CRD generated from the API models
+    optrun example-model DIR              a small Hugging Face model and dataset to try optrun on
     optrun runtime --spec FILE ...        the entry point of the operator's runtime pod
     optrun operator                       the Kubernetes operator (needs the `operator` extra)
 
@@ -63,6 +64,24 @@ def _load_or_report(path: str) -> tuple[str, OptimizationRunSpec] | None:
         return None
 
 
+def _source_problems(spec: OptimizationRunSpec) -> list[str]:
+    """The model and data checks that need the runtime (transformers, datasets); none for
+    built-in names, and a note instead of a check where the runtime is not installed."""
+    try:
+        from optrun.runtime.lm.sources import check
+    except ImportError as exc:
+        log.warning("model and data sources not checked (the runtime extra is not installed: %s)", exc)
+        return []
+    return check(spec)
+
+
+def _report_sources(path: str, problems: list[str]) -> int:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{path}: {len(problems)} error(s) in the model or data; nothing was run", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def policy_problems(spec: OptimizationRunSpec) -> list[str]:
     """What validating the acceptance policy needs the runtime for: overrides named against the
     registry of built-in tests, the baseline's file. ImportError without the runtime extra."""
@@ -75,12 +94,11 @@ def policy_problems(spec: OptimizationRunSpec) -> list[str]:
     return judge.policy_problems(spec.acceptance, SUITE.names()) + baseline_problems(spec.acceptance)
 
 
-def _report_problems(path: str, problems: list[str]) -> bool:
+def _report_policy(path: str, problems: list[str]) -> int:
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
-    if problems:
-        print(f"{path}: {len(problems)} error(s); nothing was run", file=sys.stderr)
-    return bool(problems)
+    print(f"{path}: {len(problems)} error(s) in the acceptance policy; nothing was run", file=sys.stderr)
+    return EXIT_INVALID
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -88,18 +106,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_INVALID
     name, spec = loaded
+    problems = _source_problems(spec)
+    if problems:
+        return _report_sources(args.file, problems)
     try:
         problems = policy_problems(spec)
     except ImportError as exc:
-        print(
-            f"note: overrides of built-in tests were not checked (no runtime extra: {exc})", file=sys.stderr
-        )
-        problems = []
-    if _report_problems(args.file, problems):
-        return EXIT_INVALID
+        log.warning("overrides of built-in tests not checked (the runtime extra is not installed: %s)", exc)
+    if problems:
+        return _report_policy(args.file, problems)
     enabled = [k for k, v in spec.optimizations.model_dump().items() if v.get("enabled")]
     print(
-        f"{args.file}: valid OptimizationRun {name!r} (model {spec.workload.model}, "
+        f"{args.file}: valid OptimizationRun {name!r} (model {spec.workload.model_name}, "
         f"optimizations: {', '.join(enabled) or 'none'}, rlvr: {'on' if spec.rlvr.enabled else 'off'})"
     )
     return 0
@@ -134,11 +152,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_INVALID
     name, spec = loaded
-    if _report_problems(args.file, policy_problems(spec)):
-        return EXIT_INVALID
-    from optrun.runtime.orchestrator import RunOptions, execute
+    from optrun.runtime.orchestrator import InvalidSource, RunOptions, execute
     from optrun.runtime.training.loop import Interrupted
     from optrun.ui import ConsoleObserver, summary
+
+    problems = _source_problems(spec)
+    if problems:
+        return _report_sources(args.file, problems)
+    problems = policy_problems(spec)
+    if problems:
+        return _report_policy(args.file, problems)
 
     out = Path(args.output or Path("runs") / name)
     opts = RunOptions(
@@ -156,22 +179,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"stopped: {exc}. Run the same command again to resume.", file=sys.stderr)
         return EXIT_TERM
+    except InvalidSource as exc:  # found only once loading began (e.g. too few tokens)
+        return _report_sources(args.file, exc.problems)
     summary(result, out, observer.metrics_address)
     return EXIT[result.decision.value]
 
 
 def cmd_runtime(args: argparse.Namespace) -> int:
     """The pod's entry point: log lines, /metrics served, the result as the termination message."""
-    from optrun.runtime.orchestrator import RunOptions, execute
+    from optrun.runtime.orchestrator import InvalidSource, RunOptions, execute, invalid_result
     from optrun.runtime.training.loop import Interrupted
 
     try:
         name, spec = load_manifest(args.spec)
-        problems = policy_problems(spec)
     except ManifestError as exc:
-        problems = exc.problems
-    if problems:
-        for line in problems:
+        for line in exc.problems:
             log.error("invalid manifest: %s", line)
         return EXIT_INVALID
     opts = RunOptions(
@@ -184,11 +206,20 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
     )
     _install_sigterm(opts.stop, grace=float(os.environ.get("OPTRUN_TERM_GRACE", "20")))
+    problems = policy_problems(spec)
     try:
+        if problems:  # an override of no built-in test: retrying would not help either
+            raise InvalidSource(problems)
         result = execute(spec, opts)
     except Interrupted as exc:
         log.warning("%s", exc)
         return EXIT_TERM
+    except InvalidSource as exc:
+        # A model or dataset the run cannot use: retrying would not help, so the pod ends with a
+        # result (NO_GO, the field-named problems as its failed test) instead of a crash.
+        for line in exc.problems:
+            log.error("invalid source: %s", line)
+        result = invalid_result(spec, exc.problems)
     message = result.compact()
     if args.termination_log:
         try:
@@ -196,6 +227,18 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("cannot write the termination message to %s: %s", args.termination_log, exc)
     log.info("decision %s (score %.3f); report in %s", result.decision.value, result.score, args.output)
+    return 0
+
+
+def cmd_example_model(args: argparse.Namespace) -> int:
+    from optrun.runtime.lm.example import make_example
+
+    made = make_example(Path(args.directory), args.family)
+    print(
+        f"model:   {made['model']}  (a random {args.family} model and its tokenizer, as save_pretrained writes them)"
+    )
+    print(f"dataset: {made['dataset']}  (CPython's documentation, one JSON object per topic)")
+    print("Run it: optrun run examples/hf-local.yaml  (its paths point at examples/hf-local/)")
     return 0
 
 
@@ -247,6 +290,13 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--termination-log", default="/dev/termination-log")
     rt.add_argument("--device", choices=["cpu", "cuda"])
     rt.set_defaults(fn=cmd_runtime)
+
+    e = sub.add_parser(
+        "example-model", help="write a small Hugging Face model and a dataset to try optrun on"
+    )
+    e.add_argument("directory", help="where to write model/ and data/train.jsonl")
+    e.add_argument("--family", choices=["llama", "qwen2", "mistral"], default="llama")
+    e.set_defaults(fn=cmd_example_model)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator")
     o.add_argument("rest", nargs=argparse.REMAINDER, help="options for the operator")

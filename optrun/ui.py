@@ -26,12 +26,15 @@ if TYPE_CHECKING:
     from optrun.runtime.training.loop import Trainer
 
 STAGE_TITLES = {
-    "detect": "Detecting hardware",
-    "baseline": "Measuring the baseline",
-    "optimize": "Optimizing (kernels, compression, speedups)",
-    "train": "Training under safety gates",
-    "rlvr": "RLVR (GRPO)",
-    "kvcache": "KV-cache scaling sweep",
+    "detect": "Hardware, model and data",
+    "baseline": "Baseline (the model as given)",
+    "kernels": "Kernels (measured, patched, parity)",
+    "train": "Fine-tuning under safety gates",
+    "rlvr": "RLVR (GRPO) on the trained model",
+    "compression": "Compressing the trained model",
+    "kvcache": "KV-cache sweep on the final model",
+    "speedups": "Speedup matrix",
+    "artifact": "Writing the model artifact",
     "acceptance": "Acceptance suite",
     "report": "Writing the report",
 }
@@ -78,6 +81,12 @@ class ConsoleObserver:
         task = self.tasks[name]
         total = self.progress.tasks[task].total or 1
         self.progress.update(task, completed=total)
+
+    def stage_skipped(self, name: str, reason: str) -> None:
+        task = self.progress.add_task(
+            f"[dim]{STAGE_TITLES.get(name, name)}[/]", total=1, info=f"skipped: {reason}"
+        )
+        self.progress.update(task, completed=1)
 
     def serving(self, address: str) -> None:
         self.metrics_address = address
@@ -135,6 +144,13 @@ def summary(result: Result, out: Path, metrics_address: str, console: Console | 
         f"{result.training.final_loss:.3f}, accuracy {result.training.final_accuracy:.3f}"
     )
     c.print(f"Safety: trips {result.safety.trips or '{}'}, recoveries {result.safety.recoveries}")
+    if result.artifact is not None:
+        a_ = result.artifact
+        c.print(
+            f"Model artifact: {a_.path} ({a_.format}, {a_.size_bytes} bytes"
+            + (f", quantized weights {a_.quantized_bytes} bytes" if a_.quantized_bytes else "")
+            + f"), held-out loss {a_.held_out_loss:.4f}"
+        )
     for r in result.recommendations:
         c.print(f"Recommendation: {r}")
     style = DECISION_STYLE[result.decision.value]

@@ -62,10 +62,11 @@ def _structural(node: Any, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         name = node["$ref"].rsplit("/", 1)[-1]
         merged = {**copy.deepcopy(defs[name]), **{k: v for k, v in node.items() if k != "$ref"}}
         return _structural(merged, defs, models)
-    if "anyOf" in node:
-        options = [o for o in node["anyOf"] if o.get("type") != "null"]
-        nullable = len(options) < len(node["anyOf"])
-        rest = {k: v for k, v in node.items() if k != "anyOf"}
+    union = "anyOf" if "anyOf" in node else "oneOf" if "oneOf" in node else None
+    if union is not None:  # oneOf: a discriminated union (a model given by name or as an object)
+        options = [o for o in node[union] if o.get("type") != "null"]
+        nullable = len(options) < len(node[union])
+        rest = {k: v for k, v in node.items() if k != union}
         if len(options) == 1:
             merged_out: Schema = _structural({**options[0], **rest}, defs, models)
         else:  # a genuinely mixed-type value (e.g. a measured scalar): free-form

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import annotated_types
+import pydantic
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -28,7 +29,7 @@ def manifest_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -
     """One line per pydantic error: '<path>: <what is wrong>; allowed: <what is allowed>'."""
     lines = []
     for err in exc.errors(include_url=False):
-        loc = [str(p) for p in err["loc"]]
+        loc = _without_tags(model, [str(p) for p in err["loc"]])
         path = ".".join([prefix, *loc]) if loc else prefix
         lines.append(f"{path}: {_describe(err, model, loc)}")
     return lines
@@ -53,10 +54,35 @@ def _describe(err: Any, model: type[BaseModel], loc: list[str]) -> str:
         return f"{err['msg'].lower()}; given {shown}"
     if kind == "string_pattern_mismatch":
         return f"{shown} has the wrong form; allowed: strings matching {ctx.get('pattern')}"
+    if kind == "source_type":  # a tagged union's own message says what each form looks like
+        return f"{shown} has the wrong type; {err['msg']}"
     if kind.endswith(("_type", "_parsing")) or kind in {"model_attributes_type"}:
         return f"{shown} has the wrong type; allowed: {_type_name(kind, field)}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{shown} is not valid: {msg}"
+
+
+def _union_tags(annotation: Any) -> set[str]:
+    """The tags of a discriminated union (`Annotated[A, Tag("a")] | ...`): pydantic puts the
+    chosen tag into an error's location, where a manifest path has no such part."""
+    tags: set[str] = set()
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, pydantic.Tag):
+            tags.add(arg.tag)
+        elif not isinstance(arg, str):
+            tags |= _union_tags(arg)
+    return tags
+
+
+def _without_tags(model: type[BaseModel], loc: list[str]) -> list[str]:
+    out: list[str] = []
+    for part in loc:
+        parent = _model_at(model, out[:-1]) if out else None
+        field = _field_by_alias(parent, out[-1]) if parent is not None else None
+        if field is not None and part in _union_tags(field.annotation):
+            continue
+        out.append(part)
+    return out
 
 
 def _show(value: Any) -> str:

@@ -1,6 +1,6 @@
 """The result contract: what the runtime writes (report.json, and compacted as the pod's
 termination message) and what the operator and `optrun run` read. Field names are fixed by
-DESIGN.md; fields may be added, never renamed. Pure pydantic: no torch, no kubernetes.
+docs/architecture.md (the result contract); fields may be added, never renamed. Pure pydantic: no torch, no kubernetes.
 """
 
 from __future__ import annotations
@@ -194,6 +194,19 @@ class Scorecard(_Model):
     unmeasured: list[str] = Field(default_factory=list)
 
 
+class ArtifactInfo(_Model):
+    """The model the run judged, as written to the output directory (see optrun.runtime.artifact)."""
+
+    path: str = Field(description="Directory of the artifact.")
+    format: str = Field(description="hf-safetensors (from_pretrained loads it) or optrun-safetensors.")
+    size_bytes: int = Field(0, ge=0, description="Bytes of the files a standard loader reads.")
+    quantized_bytes: int | None = Field(
+        None, ge=0, description="Bytes of the quantized weights (quantized.safetensors), when compressed."
+    )
+    held_out_loss: float | None = Field(None, description="Held-out loss of the artifact as written.")
+    optimizations: list[str] = Field(default_factory=list, description="Every optimization applied to it.")
+
+
 class Result(_Model):
     decision: Decision
     score: float
@@ -206,6 +219,7 @@ class Result(_Model):
     hardware: HardwareInfo = Field(default_factory=HardwareInfo)
     recommendations: list[str] = Field(default_factory=list)
     scorecard: Scorecard = Field(default_factory=Scorecard)
+    artifact: ArtifactInfo | None = None
     # Anything a stage adds (kernel choices, kv-cache sweep, rlvr curve...): free-form.
     details: dict[str, Any] = Field(default_factory=dict)
     exit_reason: str = ""

@@ -12,7 +12,16 @@ import re
 from collections import Counter
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from optrun.api.result import AcceptanceSummary, Category, Decision, Scalar
@@ -30,6 +39,9 @@ QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 # A model is a built-in preset or "package.module:factory" importable inside the runtime image.
 MODEL_PATTERN = r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 BUILTIN_MODELS = ("tiny-lm", "small-lm", "base-lm")
+# Paths the operator mounts in every runtime pod (spec, checkpoints and report, scratch, shared
+# memory): a user's volume may not sit on or above them.
+RESERVED_MOUNT_PATHS = ("/etc/optrun", "/var/lib/optrun", "/scratch", "/dev/shm")
 SPEEDUP_KEYS = ("kernels", "compression", "kernels+compression", "kvcache", "all")
 
 
@@ -44,31 +56,164 @@ class Spec(BaseModel):
 # --- workload -------------------------------------------------------------------------------
 
 
+class ModelSource(Spec):
+    """A Hugging Face causal LM in a local directory (on a volume or in the image). It is loaded
+    with transformers' Auto classes from local files only: nothing is ever downloaded."""
+
+    path: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
+        description=(
+            "Directory of the model as save_pretrained writes it: config.json, the weights "
+            "(*.safetensors) and, unless tokenizerPath is set, the tokenizer files."
+        ),
+    )
+    tokenizer_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="Directory of the tokenizer when it is not in `path`."
+    )
+    chat_template: bool | None = Field(
+        None,
+        description=(
+            "Render chat-formatted data (a list of {role, content} messages) and the RLVR prompts with the "
+            "tokenizer's chat template: true, false, or unset (use it when the tokenizer has one)."
+        ),
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention implementation transformers uses (attn_implementation)."
+    )
+
+
+DATASET_FORMATS = ("jsonl", "parquet", "text", "arrow")
+
+
+class DatasetSource(Spec):
+    """The user's training data from local files, read with `datasets` (never downloaded). Text
+    is tokenized with the model's tokenizer, documents joined by its EOS token, and packed into
+    sequenceLength windows. The held-out split is `evalPath` when given; otherwise each document
+    whose SHA-256 falls in the lowest `evalFraction` of the hash range is held out (the same
+    documents for every run and file order; duplicates land on the same side)."""
+
+    path: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
+        description="A file (jsonl, parquet, text) or a directory written by datasets' save_to_disk (arrow)."
+    )
+    format: Literal["jsonl", "parquet", "text", "arrow"] | None = Field(
+        None,
+        description=(
+            "jsonl, parquet, text (one document per line) or arrow (save_to_disk); unset: from the file "
+            "suffix (.jsonl/.json, .parquet, .txt) or a save_to_disk directory."
+        ),
+    )
+    text_field: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        "text",
+        description="Column holding each document: a string, or a list of {role, content} messages (chat).",
+    )
+    split: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        "train", description="Split to read from an arrow DatasetDict."
+    )
+    eval_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="A separate held-out file or directory in the same format; unset: split by hash."
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0.0, le=0.5, description="Share of documents held out when evalPath is unset."
+    )
+    max_documents: int | None = Field(
+        None, ge=1, le=100_000_000, description="Read at most this many documents (in file order)."
+    )
+
+
+def _source_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "name"
+    if isinstance(value, dict | BaseModel):
+        return "source"
+    return None
+
+
+ModelField = Annotated[
+    Annotated[Annotated[str, Field(pattern=MODEL_PATTERN, max_length=253)], Tag("name")]
+    | Annotated[ModelSource, Tag("source")],
+    Discriminator(
+        _source_tag,
+        custom_error_type="source_type",
+        custom_error_message="expected a built-in model name, 'package.module:factory' or {path: DIR}",
+    ),
+]
+DatasetField = Annotated[
+    Annotated[Literal["pydoc"], Tag("name")] | Annotated[DatasetSource, Tag("source")],
+    Discriminator(
+        _source_tag,
+        custom_error_type="source_type",
+        custom_error_message="expected pydoc or {path: FILE, format: jsonl|parquet|text|arrow, textField: ...}",
+    ),
+]
+
+
 class Workload(Spec):
     """What is optimized: a model, the data it trains on, and the shape of a batch."""
 
-    model: Annotated[str, Field(pattern=MODEL_PATTERN, max_length=253)] = Field(
+    model: ModelField = Field(
         description=(
-            "Built-in reference model (tiny-lm: CPU-sized; small-lm, base-lm: GPU-sized) or "
-            "'package.module:factory' importable in the runtime image."
+            "Built-in reference model (tiny-lm: CPU-sized; small-lm, base-lm: GPU-sized), "
+            "'package.module:factory' importable in the runtime image (returning an optrun CausalLM or a "
+            "transformers causal LM), or {path: DIR}: a Hugging Face model directory."
         ),
     )
-    dataset: Literal["pydoc"] = Field(
-        "pydoc", description="Built-in corpus: pydoc is the documentation text shipped with CPython."
+    dataset: DatasetField = Field(
+        "pydoc",
+        description=(
+            "pydoc (the documentation text shipped with CPython) or {path, format, textField}: the user's "
+            "data from local files."
+        ),
     )
     sequence_length: int = Field(64, ge=8, le=32768, description="Tokens per training sequence.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="Compute dtype of training and inference (bf16/fp16 need a GPU that supports them).",
+        description=(
+            "Compute dtype of training and inference (bf16/fp16 need a GPU that supports them). A Hugging Face "
+            "model is loaded in bf16 under bf16, in fp32 otherwise (fp16 trains with fp32 master weights and "
+            "a gradient scaler)."
+        ),
     )
 
     @field_validator("model")
     @classmethod
-    def _known_builtin(cls, v: str) -> str:
-        if ":" not in v and v not in BUILTIN_MODELS:
+    def _known_builtin(cls, v: str | ModelSource) -> str | ModelSource:
+        if isinstance(v, str) and ":" not in v and v not in BUILTIN_MODELS:
             raise ValueError(
-                f"unknown built-in model; allowed: {', '.join(BUILTIN_MODELS)} or 'package.module:factory'"
+                f"unknown built-in model; allowed: {', '.join(BUILTIN_MODELS)}, 'package.module:factory' "
+                "or {path: DIR}"
+            )
+        return v
+
+    @property
+    def model_name(self) -> str:
+        """A short name for logs, metrics labels and reports."""
+        return self.model if isinstance(self.model, str) else self.model.path
+
+
+class Volume(Spec):
+    """A PersistentVolumeClaim mounted read-only in the runtime pod (the model and data of the
+    run live there); locally the path is simply read from this machine."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] = Field(
+        description="Volume name in the pod (a DNS label)."
+    )
+    claim_name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        description="PersistentVolumeClaim in the run's namespace."
+    )
+    mount_path: Annotated[str, Field(pattern=r"^/", max_length=4096)] = Field(
+        description="Absolute path the claim is mounted at, read-only (e.g. /models)."
+    )
+    sub_path: str | None = Field(None, max_length=4096, description="Directory inside the claim to mount.")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        path = v.rstrip("/") or "/"
+        if path == "/" or any(
+            path == r or r.startswith(path + "/") or path.startswith(r + "/") for r in RESERVED_MOUNT_PATHS
+        ):
+            raise ValueError(
+                f"overlaps the runtime's own mounts; not allowed: /, {', '.join(RESERVED_MOUNT_PATHS)}"
             )
         return v
 
@@ -80,11 +225,11 @@ class Kernels(Spec):
     """Fused Triton kernels for RMSNorm, SwiGLU, rotary embedding and cross-entropy."""
 
     enabled: bool = Field(True, description="Apply the kernel optimizer.")
-    mode: Literal["auto", "triton", "compile", "eager"] = Field(
+    mode: Literal["auto", "triton", "liger", "compile", "eager"] = Field(
         "auto",
         description=(
-            "auto: measure every candidate per operation on the device and keep the fastest correct one; "
-            "triton, compile, eager: force one."
+            "auto: measure every candidate per operation on the device (optrun's Triton kernels, Liger-Kernel's, "
+            "torch.compile, eager) and keep the fastest correct one; triton, liger, compile, eager: force one."
         ),
     )
 
@@ -261,6 +406,25 @@ class RLVR(Spec):
         gt=0.0,
         le=100.0,
         description="Largest mean per-token KL to the reference (nats) the acceptance test allows.",
+    )
+    replay_coefficient: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "Weight of a language-model loss on the run's own training data added to every warm-up and GRPO "
+            "update (InstructGPT's PPO-ptx), so that RL on the task does not erase what fine-tuning taught; 0: none."
+        ),
+    )
+    replay_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per replay batch.")
+    max_heldout_loss_rise: float = Field(
+        0.10,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "Largest relative rise of the model's held-out loss on the run's data across the RLVR stage "
+            "the acceptance test allows (0.10 = 10%)."
+        ),
     )
 
 
@@ -609,6 +773,14 @@ class OptimizationRunSpec(Spec):
     faults: list[Fault] = Field(default_factory=list, max_length=32, description="Faults to inject.")
     resources: Resources = Field(default_factory=Resources, description="Runtime pod resources.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Runtime pod placement.")
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "PersistentVolumeClaims mounted read-only in the runtime pod, e.g. the one holding workload.model.path "
+            "and workload.dataset.path."
+        ),
+    )
     image: str | None = Field(
         None, max_length=512, description="Runtime image; default: the operator's configured image."
     )
@@ -628,6 +800,16 @@ class OptimizationRunSpec(Spec):
         description="Seconds after the run finishes before it is deleted; unset: kept.",
     )
     suspend: bool = Field(False, description="Stop the runtime pod and keep the checkpoint; false resumes.")
+
+    @field_validator("volumes")
+    @classmethod
+    def _distinct_volumes(cls, v: list[Volume]) -> list[Volume]:
+        for attr, what in (("name", "name"), ("mount_path", "mountPath")):
+            seen = [getattr(vol, attr).rstrip("/") for vol in v]
+            dup = sorted({x for x in seen if seen.count(x) > 1})
+            if dup:
+                raise ValueError(f"each volume needs its own {what}; repeated: {', '.join(dup)}")
+        return v
 
 
 # --- status ---------------------------------------------------------------------------------

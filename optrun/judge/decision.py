@@ -4,7 +4,7 @@ Pure Python over the result contract (`optrun.api.result`), shared by the runtim
 the verdict into report.json) and the operator (which turns it into status and conditions), so
 both judge a run the same way.
 
-The decision (DESIGN.md, "The decision"), with passRate = passed / collected:
+The decision (docs/architecture.md, "The result contract"), with passRate = passed / collected:
 
 - ``NO_GO`` when no test was collected. 0/0 is no pass rate at all: nothing was verified, and a
   policy with ``minimumPassRate: 0`` must not turn an acceptance stage that never ran into a GO.

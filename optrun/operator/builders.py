@@ -188,6 +188,31 @@ def _checkpoint_volume(run: Run) -> dict[str, Any]:
     return {"name": "checkpoints", "emptyDir": {}}
 
 
+# The pod's own volumes take these names; a user's volume is prefixed so it can never clash.
+USER_VOLUME_PREFIX = "user-"
+
+
+def _user_volumes(run: Run) -> list[dict[str, Any]]:
+    """spec.volumes: the claims holding the user's model and data, read-only."""
+    return [
+        {
+            "name": USER_VOLUME_PREFIX + v.name,
+            "persistentVolumeClaim": {"claimName": v.claim_name, "readOnly": True},
+        }
+        for v in run.spec.volumes
+    ]
+
+
+def _user_mounts(run: Run) -> list[dict[str, Any]]:
+    mounts = []
+    for v in run.spec.volumes:
+        mount: dict[str, Any] = {"name": USER_VOLUME_PREFIX + v.name, "mountPath": v.mount_path, "readOnly": True}
+        if v.sub_path:
+            mount["subPath"] = v.sub_path
+        mounts.append(mount)
+    return mounts
+
+
 def _tolerations(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
     own = [t.model_dump(by_alias=True, exclude_none=True) for t in run.spec.scheduling.tolerations]
     merged: list[dict[str, Any]] = []
@@ -287,6 +312,7 @@ def pod(
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": OUTPUT_DIR},
             {"name": "scratch", "mountPath": SCRATCH_DIR},
+            *_user_mounts(run),
         ],
         "terminationMessagePath": TERMINATION_LOG,
         # The result contract is the termination message; a crash leaves the log's tail instead.
@@ -312,6 +338,7 @@ def pod(
             {"name": "spec", "configMap": {"name": configmap_name(run.name)}},
             _checkpoint_volume(run),
             {"name": "scratch", "emptyDir": {}},
+            *_user_volumes(run),
         ],
     }
     baseline = _baseline_run(run)

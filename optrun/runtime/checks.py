@@ -25,12 +25,17 @@ from optrun.api.result import Category, Expected
 from optrun.api.v1alpha1 import Fault, OptimizationRunSpec
 from optrun.runtime.acceptance import SUITE, Check, in_range
 from optrun.runtime.context import RunContext
+from optrun.runtime.kernels.parity import MODEL_TOLERANCE, tolerance
+from optrun.runtime.lm.base import adamw, autocast, evaluate
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.training.checkpoint import CheckpointStore
 from optrun.runtime.training.gates import SafetyGateFailed, check_gradients, group_grad_norms
 from optrun.runtime.training.loop import Trainer
 
 CI = Category.CRITICAL_INFRASTRUCTURE
+# Held-out loss of the artifact reloaded against the model in memory: the same weights through
+# the same code, so only the float ordering of a reloaded copy may differ.
+ARTIFACT_RTOL = 1e-4
 
 
 def scratch_spec(
@@ -114,18 +119,84 @@ def precision_supported(ctx: RunContext) -> Check:
 
 @SUITE.test("infra.checkpoint-restores", CI, critical=True)
 def checkpoint_restores(ctx: RunContext) -> Check:
-    """The newest checkpoint of the real run loads and holds exactly the trained weights."""
+    """The newest checkpoint of the real run, loaded into a fresh copy of the model, gives the
+    held-out loss the run measured at that step, and training continues from it for a step."""
     store = CheckpointStore(ctx.output_dir / "checkpoints", keep=ctx.spec.training.checkpoint.keep)
     found = store.latest()
-    if found is None or ctx.model is None:
+    if found is None:
         return Check(False, reason="no checkpoint found")
     path, state = found
-    current = ctx.model.state_dict()
-    same = all(torch.equal(state["model"][k].cpu(), v.cpu()) for k, v in current.items())
+    step = state["position"]["step"]
+    evals = [e for e in state["history"]["evals"] if e["step"] == step]
+    if not evals:
+        return Check(False, measured=path.name, reason=f"{path.name} holds no evaluation of its step {step}")
+    fresh = ctx.model_factory()
+    fresh.load_state_dict(state["model"])
+    loss = evaluate(fresh, ctx.eval_batches(), ctx.device, ctx.dtype)["loss"]
+    recorded = evals[-1]["loss"]
+    rel = abs(loss - recorded) / max(abs(recorded), 1e-12)
+    rtol = tolerance(ctx.dtype, MODEL_TOLERANCE).rtol
+    # One more optimizer step from the checkpoint's optimizer state: it must load and move the weights.
+    opt = adamw(fresh, ctx.spec.training.learning_rate, ctx.spec.training.weight_decay)
+    opt.load_state_dict(state["optimizer"])
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    x, y = ctx.corpus.batch(
+        "train", min(ctx.spec.workload.sequence_length, 32), 2, torch.Generator().manual_seed(5)
+    )
+    fresh.train()
+    with autocast(ctx.device, ctx.dtype):
+        step_loss = fresh.loss(x.to(ctx.device), y.to(ctx.device))
+    step_loss.backward()
+    opt.step()
+    moved = any(not torch.equal(p, before[n]) for n, p in fresh.named_parameters())
+    step_loss = step_loss.detach()
+    ok = rel <= rtol and moved and math.isfinite(float(step_loss))
     return Check(
-        same,
-        measured=path.name,
-        reason="checkpoint equals the final weights" if same else "checkpoint differs from the final weights",
+        ok,
+        measured={"checkpoint": path.name, "heldOutLoss": round(loss, 8), "recorded": round(recorded, 8)},
+        expected=Expected(max=rtol),
+        reason=f"{path.name} (step {step}) in a fresh model: held-out loss {loss:.6f} against {recorded:.6f} "
+        f"recorded (relative difference {rel:.2e}, allowed {rtol:g}); one more step "
+        + ("moved the weights" if moved else "did not move the weights")
+        + f" at loss {float(step_loss):.4f}",
+    )
+
+
+@SUITE.test("infra.lineage-unbroken", CI, critical=True)
+def lineage_unbroken(ctx: RunContext) -> Check:
+    """Every stage received the model the stage before it handed on (the judged model is the
+    one that was trained and optimized, not a fresh copy)."""
+    chain = ctx.results.get("lineage", [])
+    if not chain:
+        return Check(False, reason="no lineage recorded")
+    breaks = [
+        f"{b['stage']} received {b['received']} after {a['stage']} handed on {a['handedOn']}"
+        for a, b in itertools.pairwise(chain)
+        if b["received"] != a["handedOn"]
+    ]
+    stages = " -> ".join(link["stage"] for link in chain)
+    return Check(
+        not breaks,
+        measured=len(chain),
+        reason="; ".join(breaks) if breaks else f"one model through {stages}",
+    )
+
+
+@SUITE.test("infra.artifact-reloads", CI, critical=True)
+def artifact_reloads(ctx: RunContext) -> Check:
+    """The artifact, loaded back the standard way, has the held-out loss of the model judged."""
+    art = ctx.results.get("artifact") or {}
+    if "reloadedHeldOutLoss" not in art:
+        return Check(False, reason=f"no artifact was written: {art.get('error', 'the stage did not run')}")
+    a, b = art["heldOutLoss"], art["reloadedHeldOutLoss"]
+    rel = abs(a - b) / max(abs(a), 1e-12)
+    rtol = ARTIFACT_RTOL
+    return Check(
+        rel <= rtol,
+        measured=round(rel, 10),
+        expected=Expected(max=rtol),
+        reason=f"{art['path']} ({art['format']}, {art['sizeBytes']} bytes) reloaded: held-out loss {b:.6f} "
+        f"against {a:.6f} in memory (relative difference {rel:.2e})",
     )
 
 
@@ -255,7 +326,8 @@ def loss_decreased(ctx: RunContext) -> Check:
 
 @SUITE.test("stability.weights-finite", Category.STABILITY, critical=True)
 def weights_finite(ctx: RunContext) -> Check:
-    ok = ctx.model is not None and _finite(ctx.model)
+    models = [m for m in (ctx.trained, ctx.model) if m is not None]
+    ok = bool(models) and all(_finite(m) for m in models)
     return Check(ok, reason="all trained weights are finite" if ok else "non-finite weights after training")
 
 
@@ -309,16 +381,19 @@ def reproducibility(ctx: RunContext) -> Check:
 
 @SUITE.test("tuning.state-snapshot", Category.TUNING)
 def state_snapshot(ctx: RunContext) -> Check:
-    """state_dict into a fresh model gives identical outputs."""
-    assert ctx.model is not None
-    clone = copy.deepcopy(ctx.model)
+    """The trained model's state_dict into a fresh model gives identical outputs."""
+    trained = ctx.trained or ctx.model
+    assert trained is not None
+    clone = copy.deepcopy(trained)
     fresh = ctx.model_factory()
+    if ctx.transforms.get("kernels"):  # the same kernels, so only the state can differ
+        fresh = ctx.transforms["kernels"](fresh)
     fresh.load_state_dict(clone.state_dict())
     x, _ = ctx.corpus.batch("val", 32, 2, torch.Generator().manual_seed(1))
     x = x.to(ctx.device)
     with torch.no_grad():
-        a, b = ctx.model.eval()(x), fresh.eval()(x)
-    ctx.model.train()
+        a, b = trained.eval()(x), fresh.eval()(x)
+    trained.train()
     diff = float((a - b).abs().max())
     tol = 0.0 if ctx.dtype == torch.float32 else 1e-2
     return Check(
@@ -332,8 +407,9 @@ def state_snapshot(ctx: RunContext) -> Check:
 @SUITE.test("tuning.gradient-flow", Category.TUNING)
 def gradient_flow(ctx: RunContext) -> Check:
     """Every layer group of the trained model still gets gradient (none vanished)."""
-    assert ctx.model is not None
-    model = copy.deepcopy(ctx.model)
+    trained = ctx.trained or ctx.model
+    assert trained is not None
+    model = copy.deepcopy(trained)
     x, y = ctx.corpus.batch("val", ctx.spec.workload.sequence_length, 4, torch.Generator().manual_seed(2))
     model.zero_grad()
     model.loss(x.to(ctx.device), y.to(ctx.device)).backward()

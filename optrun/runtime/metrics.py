@@ -21,18 +21,21 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
 
-STAGES = [
-    "starting",
+# The runtime's stages in lineage order (the orchestrator runs them in this order).
+PIPELINE = (
     "detect",
     "baseline",
-    "optimize",
+    "kernels",
     "train",
     "rlvr",
+    "compression",
     "kvcache",
+    "speedups",
+    "artifact",
     "acceptance",
     "report",
-    "done",
-]
+)
+STAGES = ["starting", *PIPELINE, "done"]
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""The built-in reference model: a small decoder-only language model, Llama-shaped.
+"""The built-in reference models: a small decoder-only language model, Llama-shaped, behind the
+model interface every stage uses (`optrun.runtime.lm.CausalLM`).
 
 It carries exactly the layers the kernel work replaces, each as its own module so a patcher can
 swap it by type: `RMSNorm`, `SwiGLU` (the feed-forward), `RotaryEmbedding` (applied to q and k),
@@ -12,13 +13,20 @@ Presets (`PRESETS`) name sizes: `tiny-lm` trains on a laptop CPU in minutes, `sm
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from optrun.runtime.lm.base import CausalLM, LMHeadLoss, float_state_dict
+from optrun.runtime.lm.tokenizers import ByteTokenizer
+
+__all__ = ["PRESETS", "CausalLM", "LMHeadLoss", "ModelConfig", "TinyLM", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -168,22 +176,15 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class LMHeadLoss(nn.Module):
-    """Mean cross-entropy of logits = hidden @ weight^T against targets (ignore_index -100).
-
-    The eager form materialises the (N, V) logits; a fused kernel replaces this module."""
-
-    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-        logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()  # (N, V)
-        return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=-100)
-
-
-class TinyLM(nn.Module):
+class TinyLM(CausalLM):
     """Decoder-only LM: embeddings -> n x (RMSNorm, attention, RMSNorm, SwiGLU) -> RMSNorm -> head."""
+
+    family = "tiny-lm"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self._model_cfg = cfg
+        self.tokenizer = ByteTokenizer()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -213,6 +214,21 @@ class TinyLM(nn.Module):
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy; goes through `loss_fn` so a fused kernel can take over."""
         return self.loss_fn(self.hidden(tokens), self.output.weight, targets)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self._model_cfg
+
+    def save(self, directory: Path) -> list[str]:
+        """model.safetensors (float weights: a quantized layer is written dequantized) and
+        config.json naming the architecture; `optrun.runtime.artifact.load` reads them back."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(float_state_dict(self), str(directory / "model.safetensors"))
+        config = {"architecture": "optrun.TinyLM", **self.cfg.to_dict()}
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return ["config.json", "model.safetensors"]
 
 
 def build_model(name: str) -> TinyLM:

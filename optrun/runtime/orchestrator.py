@@ -1,12 +1,24 @@
-"""The orchestrator: one run, stage by stage.
+"""The orchestrator: one run, stage by stage, on one model lineage.
 
-    detect -> baseline -> optimize -> train -> rlvr -> kvcache -> acceptance -> report
+    detect -> baseline -> kernels -> train -> rlvr -> compression -> kvcache -> speedups
+           -> artifact -> acceptance -> report
+
+`detect` finds the hardware, checks the user's model and data, loads the model and builds the
+corpus with the model's tokenizer. From there every stage receives the model the previous stage
+handed on, in the order a rollout uses it: the baseline is measured on the model as given, the
+kernels are patched into it (with parity against the unpatched model on held-out data), it is
+fine-tuned under the safety gates, RLVR trains that model, compression quantizes the trained
+model (its gate and error bound judge trained weights; the quantized model is what every later
+inference test uses), the KV-cache sweep decodes with it, the artifact is that model written to
+disk, and acceptance judges it. `ctx.results["lineage"]` records, per stage, the fingerprint of
+the model received and handed on, so a report shows the chain is unbroken. A stage that is off
+is skipped and says so (`ctx.results["stages"]`); the speedup matrix alone times fresh copies
+(speed does not depend on the weights' values, and the baseline must be the unoptimized model).
 
 The same function serves `optrun run` on a laptop and `optrun runtime` in the operator's pod;
-only the observer (progress bars or log lines) and the retry policy differ. Stages share the
-`RunContext`; each optimization package exposes one entry point the orchestrator calls.
-Failures inside a stage are data: a failed safety gate or a crashed optional stage ends up as a
-failed acceptance test and so in the decision, never as a missing report.
+only the observer (progress bars or log lines) and the retry policy differ. Failures inside a
+stage are data: a failed safety gate or a crashed optional stage ends up as a failed acceptance
+test and so in the decision, never as a missing report.
 """
 
 from __future__ import annotations
@@ -16,28 +28,36 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from torch import nn
-
 from optrun import judge
-from optrun.api.result import Result, SafetySummary, TestResult
+from optrun.api.result import (
+    ArtifactInfo,
+    Category,
+    Result,
+    SafetySummary,
+    TestResult,
+    Timing,
+    TrainingSummary,
+)
 from optrun.api.v1alpha1 import OptimizationRunSpec
 from optrun.runtime import report
 from optrun.runtime.acceptance import SUITE
 from optrun.runtime.context import RunContext
 from optrun.runtime.data import Corpus
 from optrun.runtime.hardware import detect
-from optrun.runtime.metrics import Metrics
-from optrun.runtime.model import TinyLM, build_model
+from optrun.runtime.lm import CausalLM, evaluate, fingerprint
+from optrun.runtime.lm.loading import ModelLoadError, model_factory
+from optrun.runtime.lm.sources import SourceProblem, check
+from optrun.runtime.metrics import PIPELINE, Metrics
 from optrun.runtime.training.checkpoint import CheckpointStore
 from optrun.runtime.training.faults import InjectedFault
 from optrun.runtime.training.gates import SafetyGateFailed
-from optrun.runtime.training.loop import Interrupted, Trainer, evaluate
+from optrun.runtime.training.loop import Interrupted, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +70,22 @@ SUITE_MODULES = (
     "optrun.runtime.kvcache.acceptance",
     "optrun.runtime.rlvr.acceptance",
 )
+STAGES = PIPELINE
+
+
+class InvalidSource(ValueError):
+    """The run's model or data cannot be used; `problems` are field-named lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 class Observer(Protocol):
     def serving(self, address: str) -> None: ...
     def stage(self, name: str) -> None: ...
     def stage_done(self, name: str, seconds: float) -> None: ...
+    def stage_skipped(self, name: str, reason: str) -> None: ...
     def step(self, trainer: Trainer) -> None: ...
     def test(self, result: TestResult) -> None: ...
 
@@ -71,6 +101,9 @@ class LogObserver:
 
     def stage_done(self, name: str, seconds: float) -> None:
         log.info("stage %s done in %.1fs", name, seconds)
+
+    def stage_skipped(self, name: str, reason: str) -> None:
+        log.info("stage %s skipped: %s", name, reason)
 
     def step(self, trainer: Trainer) -> None:
         if trainer.step % 50 == 0:
@@ -104,23 +137,6 @@ def load_suite() -> None:
         importlib.import_module(name)
 
 
-def _model_factory(spec: OptimizationRunSpec, device: torch.device) -> Callable[[], nn.Module]:
-    """Fresh weights from the seed, the same on every call."""
-    model_name = spec.workload.model
-
-    def build() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.training.seed)
-            if ":" in model_name:
-                module, attr = model_name.split(":", 1)
-                model = getattr(importlib.import_module(module), attr)()
-            else:
-                model = build_model(model_name)
-        return model.to(device)
-
-    return build
-
-
 class Watchdog(threading.Thread):
     """Reports a hang: no progress (a step or a stage change) for hangTimeoutSeconds."""
 
@@ -136,6 +152,51 @@ class Watchdog(threading.Thread):
             if idle > self.timeout and self._reported_at != self.metrics.last_progress:
                 self._reported_at = self.metrics.last_progress
                 self.on_hang(idle)
+
+
+class _Stages:
+    """Times each stage, tells the observer and the metrics, records what was skipped and why,
+    and keeps the lineage: the fingerprint of the model each stage received and handed on."""
+
+    def __init__(self, obs: Observer, metrics: Metrics, ctx_results: dict[str, Any]) -> None:
+        self.obs, self.metrics = obs, metrics
+        self.timings: dict[str, float] = {}
+        self.status: dict[str, dict[str, Any]] = ctx_results.setdefault("stages", {})
+        self.lineage: list[dict[str, Any]] = ctx_results.setdefault("lineage", [])
+
+    @contextmanager
+    def run(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        self.metrics.set_stage(name)
+        self.obs.stage(name)
+        try:
+            yield
+        finally:
+            seconds = time.monotonic() - started
+            self.timings[name] = round(seconds, 3)
+            self.status.setdefault(name, {"status": "ran"})
+            self.metrics.stage_seconds.labels(stage=name).set(seconds)
+            self.obs.stage_done(name, seconds)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.status[name] = {"status": "skipped", "reason": reason}
+        self.obs.stage_skipped(name, reason)
+
+    @contextmanager
+    def on_lineage(self, name: str, ctx: RunContext) -> Iterator[None]:
+        """Run a stage that receives ctx.model and hands ctx.model on; the fingerprints are
+        taken on the way in and on the way out (stages may change the model in place)."""
+        received = fingerprint(ctx.model) if ctx.model is not None else None
+        with self.run(name):
+            yield
+        self.lineage.append(
+            {
+                "stage": name,
+                "received": received,
+                "handedOn": fingerprint(ctx.model) if ctx.model is not None else None,
+                "model": type(ctx.model).__name__,
+            }
+        )
 
 
 def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | None = None) -> Result:
@@ -156,52 +217,44 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
 
     watchdog = Watchdog(metrics, spec.safety.hang_timeout_seconds, on_hang)
     watchdog.start()
-    timings: dict[str, float] = {}
-
-    def stage(name: str) -> _Stage:
-        return _Stage(name, obs, metrics, timings)
-
+    results: dict[str, Any] = {"metrics": metrics, "metrics_port": port}
+    stages = _Stages(obs, metrics, results)
     try:
-        with stage("detect"):
-            device, hardware = detect(opts.device)
-            metrics.run_info.info({"name": opts.name, "model": spec.workload.model, "device": hardware.name})
-            corpus = Corpus.build(spec.workload.dataset)
-            ctx = RunContext(
-                spec=spec,
-                device=device,
-                hardware=hardware,
-                corpus=corpus,
-                model_factory=_model_factory(spec, device),
-                output_dir=out,
-            )
-            ctx.results["metrics"] = metrics
-            ctx.results["metrics_port"] = port
-        with stage("baseline"):
-            base = ctx.model_factory()
-            ctx.results["baseline"] = evaluate(
-                base,
-                corpus.eval_batches(
-                    spec.workload.sequence_length, spec.workload.batch_size, spec.training.eval_batches
-                ),
-                device,
-            )
-        with stage("optimize"):
-            model = optimize(ctx)
-        with stage("train"):
-            train(ctx, model, opts, obs)
-        if spec.rlvr.enabled:
-            with stage("rlvr"):
-                _optional(
-                    ctx, "rlvr", lambda: importlib.import_module("optrun.runtime.rlvr").run(ctx, ctx.model)
-                )
-        if spec.optimizations.kv_cache.enabled:
-            with stage("kvcache"):
-                _optional(
-                    ctx,
-                    "kvcache",
-                    lambda: importlib.import_module("optrun.runtime.kvcache").run(ctx, ctx.model),
-                )
-        with stage("acceptance"):
+        with stages.run("detect"):
+            ctx = _detect(spec, opts, results)
+        o = spec.optimizations
+        with stages.on_lineage("baseline", ctx):
+            ctx.results["baseline"] = evaluate(ctx.model, ctx.eval_batches(), ctx.device, ctx.dtype)
+        _stage(
+            stages, ctx, "kernels", o.kernels.enabled, "spec.optimizations.kernels.enabled is false", _kernels
+        )
+        with stages.on_lineage("train", ctx):
+            train(ctx, ctx.model, opts, obs)
+        _stage(stages, ctx, "rlvr", spec.rlvr.enabled, "spec.rlvr.enabled is false", _rlvr)
+        ctx.trained = ctx.model  # the float model, before compression, for the training-side tests
+        _stage(
+            stages,
+            ctx,
+            "compression",
+            o.compression.enabled,
+            "spec.optimizations.compression.enabled is false",
+            _compression,
+        )
+        _stage(
+            stages,
+            ctx,
+            "kvcache",
+            o.kv_cache.enabled,
+            "spec.optimizations.kvCache.enabled is false",
+            _kvcache,
+        )
+        with stages.run("speedups"):
+            _optional(ctx, "speedups", lambda: importlib.import_module("optrun.runtime.speedup").run(ctx))
+        with stages.on_lineage("artifact", ctx):
+            from optrun.runtime import artifact
+
+            _optional(ctx, "artifact", lambda: artifact.write(ctx, out / "model"))
+        with stages.run("acceptance"):
             tests = SUITE.run(
                 ctx,
                 on_result=lambda r: (
@@ -209,10 +262,14 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
                     metrics.acceptance_tests.labels(outcome="passed" if r.passed else "failed").inc(),
                 ),
             )
-        with stage("report"):
-            result = _result(ctx, tests, hang_events, timings)
+        with stages.run("report"):
+            result = _result(ctx, tests, hang_events, stages.timings)
             _export(metrics, result, ctx)
             ctx.results["report_paths"] = report.write(out, result, ctx)
+            if result.artifact is not None:
+                from optrun.runtime import artifact
+
+                artifact.record_decision(Path(result.artifact.path), result)
         metrics.set_stage("done")
         return result
     finally:
@@ -222,56 +279,93 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
             metrics.close()
 
 
-class _Stage:
-    def __init__(self, name: str, obs: Observer, metrics: Metrics, timings: dict[str, float]) -> None:
-        self.name, self.obs, self.metrics, self.timings = name, obs, metrics, timings
+def _detect(spec: OptimizationRunSpec, opts: RunOptions, results: dict[str, Any]) -> RunContext:
+    """Hardware, the checked sources, the model (as given) and the corpus in its tokens."""
+    device, hardware = detect(opts.device)
+    problems = check(spec)
+    if problems:
+        raise InvalidSource(problems)
+    factory = model_factory(spec, device)
+    try:
+        model = factory()
+        corpus = Corpus.build(
+            spec.workload.dataset, model.tokenizer, sequence_length=spec.workload.sequence_length
+        )
+    except (ModelLoadError, SourceProblem) as exc:
+        raise InvalidSource(getattr(exc, "problems", [str(exc)])) from exc
+    metrics: Metrics = results["metrics"]
+    metrics.run_info.info({"name": opts.name, "model": spec.workload.model_name, "device": hardware.name})
+    ctx = RunContext(
+        spec=spec,
+        device=device,
+        hardware=hardware,
+        corpus=corpus,
+        model_factory=factory,
+        output_dir=opts.output_dir,
+        results=results,
+        model=model,
+    )
+    results["model"] = model.describe()
+    results["data"] = corpus.info
+    return ctx
 
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-        self.metrics.set_stage(self.name)
-        self.obs.stage(self.name)
 
-    def __exit__(self, *exc: object) -> None:
-        seconds = time.monotonic() - self.started
-        self.timings[self.name] = round(seconds, 3)
-        self.metrics.stage_seconds.labels(stage=self.name).set(seconds)
-        self.obs.stage_done(self.name, seconds)
+def _stage(
+    stages: _Stages,
+    ctx: RunContext,
+    name: str,
+    enabled: bool,
+    off_reason: str,
+    fn: Callable[[RunContext], None],
+) -> None:
+    """An optional stage on the lineage: run it (a crash is recorded, the model kept), or say
+    why it was skipped."""
+    if not enabled:
+        stages.skip(name, off_reason)
+        return
+    with stages.on_lineage(name, ctx):
+        _optional(ctx, name, lambda: fn(ctx))
+
+
+def _kernels(ctx: RunContext) -> None:
+    assert ctx.model is not None
+    ctx.model = importlib.import_module("optrun.runtime.kernels").run(ctx, ctx.model)
+
+
+def _rlvr(ctx: RunContext) -> None:
+    assert ctx.model is not None
+    importlib.import_module("optrun.runtime.rlvr").run(ctx, ctx.model)
+
+
+def _compression(ctx: RunContext) -> None:
+    assert ctx.model is not None
+    ctx.model = importlib.import_module("optrun.runtime.compression").apply(ctx, ctx.model)
+
+
+def _kvcache(ctx: RunContext) -> None:
+    importlib.import_module("optrun.runtime.kvcache").run(ctx, ctx.model)
 
 
 def _optional(ctx: RunContext, key: str, fn: Callable[[], object]) -> None:
-    """An optimization stage that crashes is recorded (its acceptance tests then fail), not fatal."""
+    """A stage that crashes is recorded (its acceptance tests then fail), not fatal."""
     try:
         fn()
     except Exception as exc:  # any crash (a TypeError too) must end in the report, never lose it
         log.error("stage %s failed: %s", key, traceback.format_exc())
-        ctx.results.setdefault(key, {})["error"] = f"{type(exc).__name__}: {exc}"
+        entry = ctx.results.setdefault(key, {})
+        if isinstance(entry, dict):
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        ctx.results.setdefault("stages", {})[key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
-def optimize(ctx: RunContext) -> nn.Module:
-    """Apply the enabled optimizations to a fresh model and measure the speedup matrix."""
-    spec = ctx.spec.optimizations
-    model = ctx.model_factory()
-    if spec.kernels.enabled:
-        kernels = importlib.import_module("optrun.runtime.kernels")
-        model = kernels.optimize(ctx, model)
-    if spec.compression.enabled:
-        _optional(
-            ctx,
-            "compression",
-            lambda: importlib.import_module("optrun.runtime.compression").apply(ctx, model),
-        )
-    speedup = importlib.import_module("optrun.runtime.speedup")
-    _optional(ctx, "speedups", lambda: speedup.run(ctx))
-    return model
-
-
-def train(ctx: RunContext, model: nn.Module, opts: RunOptions, obs: Observer) -> None:
+def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> None:
     spec = ctx.spec
     store = CheckpointStore(ctx.output_dir / "checkpoints", keep=spec.training.checkpoint.keep)
     metrics: Metrics = ctx.results["metrics"]
     info: dict[str, Any] = {"attempts": 0}
     ctx.results["train"] = info
     trainer = None
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for attempt in range(1, opts.attempts + 1):
         info["attempts"] = attempt
         trainer = Trainer(
@@ -293,7 +387,7 @@ def train(ctx: RunContext, model: nn.Module, opts: RunOptions, obs: Observer) ->
             info["error"] = f"{type(exc).__name__}: {exc}"
             if attempt == opts.attempts:
                 raise
-            model.load_state_dict(ctx.model_factory().state_dict())  # the checkpoint decides the weights
+            model.load_state_dict(initial)  # the checkpoint, if any, decides the weights
     assert trainer is not None
     info.setdefault("epochs", trainer.epoch)
     info.setdefault("steps", trainer.step)
@@ -309,6 +403,20 @@ def train(ctx: RunContext, model: nn.Module, opts: RunOptions, obs: Observer) ->
         step_seconds=trainer.step_times,
     )
     ctx.model = trainer.model
+
+
+def invalid_result(spec: OptimizationRunSpec, problems: list[str]) -> Result:
+    """The result of a run whose model or data cannot be used: NO_GO, one failed critical test
+    that lists every field-named problem (what the operator's pod reports)."""
+    test = TestResult(
+        name="infra.sources-valid",
+        category=Category.CRITICAL_INFRASTRUCTURE,
+        critical=True,
+        passed=False,
+        measured=len(problems),
+        reason="; ".join(problems),
+    )
+    return judge.build_result([test], spec.acceptance, exit_reason="invalid spec: " + "; ".join(problems))
 
 
 def _result(
@@ -339,9 +447,7 @@ def _result(
     }
     details["stageSeconds"] = timings
     details["train"] = {k: v for k, v in train_info.items() if k not in {"losses", "step_seconds"}}
-    from optrun.api.result import Timing, TrainingSummary
-
-    return judge.build_result(
+    result = judge.build_result(
         tests,
         ctx.spec.acceptance,
         safety=safety,
@@ -356,6 +462,10 @@ def _result(
         if failed_gate
         else "completed",
     )
+    art = ctx.results.get("artifact")
+    if isinstance(art, dict) and "path" in art:
+        result = result.model_copy(update={"artifact": ArtifactInfo.model_validate(art)})
+    return result
 
 
 def _jsonable(v: object) -> bool:
@@ -385,4 +495,4 @@ def _export(metrics: Metrics, result: Result, ctx: RunContext) -> None:
                 metrics.compression_ratio.labels(target=target).set(ratio)
 
 
-__all__ = ["LogObserver", "RunOptions", "TinyLM", "execute"]
+__all__ = ["STAGES", "InvalidSource", "LogObserver", "RunOptions", "execute", "invalid_result"]

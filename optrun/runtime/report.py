@@ -85,7 +85,7 @@ def write(out: Path, result: Result, ctx: RunContext) -> dict[str, str]:
     paths["markdown"].write_text(
         markdown(
             result,
-            ctx.spec.workload.model,
+            ctx.spec.workload.model_name,
             plots=["training.png"] if plotted else [],
             objective=ctx.spec.acceptance.objective,
         )

@@ -32,7 +32,6 @@ the measurement behind each row, is in docs/acceptance.md; in short:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import statistics
@@ -47,6 +46,7 @@ from optrun.api.result import Category, HardwareInfo, Timing
 from optrun.api.v1alpha1 import SPEEDUP_KEYS, OptimizationRunSpec, Range
 from optrun.runtime.acceptance import SUITE, Check, in_range
 from optrun.runtime.context import RunContext
+from optrun.runtime.lm.base import adamw, autocast
 from optrun.runtime.timing import measure
 
 log = logging.getLogger(__name__)
@@ -160,25 +160,19 @@ def ranges_for(spec: OptimizationRunSpec, hardware: HardwareInfo) -> dict[str, R
 # -- what is timed -------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def train_step(
     model: nn.Module, tokens: Tensor, targets: Tensor, dtype: torch.dtype = torch.float32, lr: float = 1e-5
 ) -> Callable[[], float]:
     """One training step of `model` (forward, backward, AdamW) as a callable; returns the loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: no trainable parameters, a training step cannot be timed")
-    opt = torch.optim.AdamW(params, lr=lr)
+    try:
+        opt = adamw(model, lr)
+    except ValueError:
+        raise ValueError("model: no trainable parameters, a training step cannot be timed") from None
     model.train()
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        with _autocast(tokens.device, dtype):
+        with autocast(tokens.device, dtype):
             if hasattr(model, "loss"):
                 loss = model.loss(tokens, targets)
             else:
@@ -190,7 +184,6 @@ def train_step(
     return step
 
 
-@torch.no_grad()
 def greedy_decode(
     model: nn.Module,
     prompt: Tensor,
@@ -198,26 +191,19 @@ def greedy_decode(
     cache_factory: CacheFactory | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Prompt (B, P) followed by `new_tokens` greedy tokens (B, P + N). With `cache_factory`
-    the model is called as model(tokens, cache, start); without, on the whole prefix each step."""
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens: expected at least 1, got {new_tokens}")
-    b, p = prompt.shape
-    tokens = torch.empty((b, p + new_tokens), dtype=prompt.dtype, device=prompt.device)
-    tokens[:, :p] = prompt
-    cache = cache_factory(b, p + new_tokens) if cache_factory is not None else None
-    with _autocast(prompt.device, dtype):
-        logits = model(prompt, cache, 0) if cache is not None else model(prompt)
-        for i in range(new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            tokens[:, p + i] = nxt
-            if i + 1 == new_tokens:
-                break
-            if cache is not None:
-                logits = model(nxt[:, None], cache, p + i)
-            else:
-                logits = model(tokens[:, : p + i + 1])
-    return tokens
+    """Prompt (B, P) followed by `new_tokens` greedy tokens (B, P + N), with the cache the
+    factory builds or, without one, recomputing the whole prefix each step (kvcache.generate)."""
+    from optrun.runtime.kvcache.generate import generate
+
+    return generate(
+        model,
+        prompt,
+        new_tokens,
+        use_cache=cache_factory is not None,
+        cache_factory=cache_factory,
+        eos_id=None,
+        compute_dtype=dtype,
+    ).tokens
 
 
 # -- the matrix ----------------------------------------------------------------------------------
@@ -399,7 +385,7 @@ def _kv_cache_factories(ctx: RunContext) -> tuple[CacheFactory | None, CacheFact
         return None, None, None
     try:
         kv = importlib.import_module("optrun.runtime.kvcache.cache")
-        cfg = ctx.model_factory().cfg
+        cfg = ctx.model.cfg if ctx.model is not None else ctx.model_factory().cfg
         return (
             kv.cache_factory(cfg, ctx.spec.optimizations.kv_cache.dtype, ctx.device),
             kv.cache_factory(cfg, ctx.spec.workload.precision, ctx.device),
@@ -496,7 +482,8 @@ def memory_kvcache(ctx: RunContext) -> Check:
     factory, reference, why = _kv_cache_factories(ctx)
     if factory is None or reference is None:
         return Check(False, reason=f"no KV cache to measure: {why}")
-    length = int(getattr(ctx.model_factory().cfg, "max_seq_len", ctx.spec.workload.sequence_length))
+    model = ctx.model if ctx.model is not None else ctx.model_factory()
+    length = int(getattr(model.cfg, "max_seq_len", ctx.spec.workload.sequence_length))
     optimized, full = factory(1, length).nbytes(), reference(1, length).nbytes()
     rng = memory_range(ctx.spec, "kvcache")
     dtype, precision = ctx.spec.optimizations.kv_cache.dtype, ctx.spec.workload.precision

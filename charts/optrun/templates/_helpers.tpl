@@ -83,9 +83,33 @@ app.kubernetes.io/managed-by: optrun-operator
 {{- end }}
 {{- end }}
 
-{{/* Namespaces the operator watches; empty: every namespace (cluster-wide RBAC and peering). */}}
+{{/*
+"true" when the operator handles every namespace (a ClusterRole, a ClusterKopfPeering), else
+empty. Cluster-wide is asked for explicitly (operator.clusterWide): an empty namespace list
+alone never grants pod create and delete everywhere.
+*/}}
 {{- define "optrun.clusterwide" -}}
-{{- if not .Values.operator.namespaces }}true{{ end }}
+{{- $op := .Values.operator }}
+{{- if and $op.clusterWide $op.namespaces }}
+{{- fail (printf "operator.namespaces is %s and operator.clusterWide is true: set operator.clusterWide=false to handle runs only in those namespaces, or empty operator.namespaces to handle every namespace" (toJson $op.namespaces)) }}
+{{- end }}
+{{- if and (not $op.clusterWide) (not $op.namespaces) }}
+{{- fail "operator.clusterWide is false and operator.namespaces is empty: list the namespaces whose OptimizationRuns the operator handles (operator.namespaces={ml-team-a,ml-team-b}), or set operator.clusterWide=true" }}
+{{- end }}
+{{- if $op.clusterWide }}true{{ end }}
+{{- end }}
+
+{{/*
+Labels of a prometheus-operator object: monitoring.labels (what a Prometheus selects on, e.g.
+kube-prometheus-stack's release label), then the object's own, which win on a clash.
+Called with (list . <the object's labels>).
+*/}}
+{{- define "optrun.monitoringLabels" -}}
+{{- $root := index . 0 }}
+{{- $labels := merge (dict) (index . 1 | default dict) ($root.Values.monitoring.labels | default dict) }}
+{{- with $labels }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Peering is on whenever it is asked for or more than one replica runs. */}}

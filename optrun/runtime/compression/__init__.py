@@ -2,10 +2,11 @@
 
 Stage entry point `apply(ctx, model)`, for `spec.optimizations.compression`:
 
-- target ``weights``: every nn.Linear of a copy of `model` goes through the gate and, within
-  the bound, becomes a weight-only `QuantizedLinear` (quantized_linear.py); the copy is
-  returned (for inference; the orchestrator keeps training the float model) and the same
-  transform is registered as ``ctx.transforms["compression"]`` for the speedup matrix.
+- target ``weights``: every nn.Linear of a copy of `model` (the lineage's trained model) goes
+  through the gate and, within the bound, becomes a weight-only `QuantizedLinear`
+  (quantized_linear.py); the copy is returned: it is the model every later stage (the KV-cache
+  sweep, the artifact, acceptance) uses. The same transform is registered as
+  ``ctx.transforms["compression"]`` for the speedup matrix.
 - target ``gradients``: a real 2-process gloo data-parallel run (ddp_run.py) trains the model
   twice from the same weights on the same batches, with plain allreduce and with the codec's
   comm hook (ddp_hooks.py), and records bytes per step, step times and losses.

@@ -9,6 +9,8 @@ The kernels themselves live in `ops/`; the patcher (`patcher.py`) decides which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +23,8 @@ from optrun.runtime.kernels.ops.swiglu import swiglu
 class TritonRMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight with the Triton kernel. The weight keeps the name
     of the module it replaces (`weight` in RMSNorm and Hugging Face's norms)."""
+
+    optrun_fused = True  # the patcher never matches a fused module again
 
     def __init__(self, dim: int, eps: float = 1e-5, weight_name: str = "weight") -> None:
         super().__init__()
@@ -46,6 +50,8 @@ class TritonRMSNorm(nn.Module):
 class TritonSwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with the fused Triton gate; the projections keep their names
     (w1, w3, w2 in the built-in model; gate_proj, up_proj, down_proj in Llama-style models)."""
+
+    optrun_fused = True  # the patcher never matches a fused module again
 
     def __init__(
         self,
@@ -75,6 +81,8 @@ class TritonRotaryEmbedding(nn.Module):
     """Rotary embedding of q and k with the Triton kernel; holds the same (non-persistent)
     cos/sin tables (max_seq_len, head_dim / 2) as RotaryEmbedding."""
 
+    optrun_fused = True  # the patcher never matches a fused module again
+
     def __init__(self, cos: Tensor, sin: Tensor) -> None:
         super().__init__()
         self.register_buffer("cos", cos, persistent=False)
@@ -93,9 +101,37 @@ class TritonRotaryEmbedding(nn.Module):
         return rotary(q, k, self.cos[start : start + t], self.sin[start : start + t])
 
 
+class TritonRotaryApply(nn.Module):
+    """transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) with the Triton kernel,
+    a drop-in for `optrun.runtime.lm.hf.RotaryApply`. transformers hands cos and sin as (B, T, D)
+    with duplicated halves (rotate-half); when every row of the batch shares its positions
+    (B == 1, as in training and cached decoding) the kernel takes their first half as its
+    (T, D/2) tables; per-row positions go to the module's eager function."""
+
+    optrun_fused = True
+
+    def __init__(self, fallback: Callable[..., tuple[Tensor, Tensor]]) -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> TritonRotaryApply:
+        return cls(module.fn)
+
+    def forward(
+        self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[0] != 1:
+            return self.fallback(q, k, cos, sin, unsqueeze_dim)
+        d2 = cos.shape[-1] // 2
+        return rotary(q, k, cos[0, :, :d2].float(), sin[0, :, :d2].float())
+
+
 class FusedLMHeadLoss(nn.Module):
     """Mean cross-entropy of hidden @ weight^T against targets (ignore_index -100), fused and
     chunked so the (tokens x vocab) logits never exist; a drop-in for LMHeadLoss."""
+
+    optrun_fused = True  # the patcher never matches a fused module again
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None) -> None:
         super().__init__()

@@ -28,21 +28,30 @@ import torch
 from torch import nn
 
 from optrun.runtime import model as builtin
-from optrun.runtime.kernels.modules import FusedLMHeadLoss, TritonRMSNorm, TritonRotaryEmbedding, TritonSwiGLU
+from optrun.runtime.kernels.modules import (
+    FusedLMHeadLoss,
+    TritonRMSNorm,
+    TritonRotaryApply,
+    TritonRotaryEmbedding,
+    TritonSwiGLU,
+)
 from optrun.runtime.kernels.ops._launch import TritonUnavailableError, triton_runs_on
 
 log = logging.getLogger(__name__)
 
 OPS = ("rms_norm", "swiglu", "rope", "cross_entropy")
-CHOICES = ("triton", "compile", "eager")
-# The attributes each operation's fused module reads from the module it replaces.
-ROLES: dict[str, tuple[str, ...]] = {
-    "rms_norm": ("weight", "eps"),
-    "swiglu": ("gate", "up", "down"),
-    "rope": ("cos", "sin"),
-    "cross_entropy": (),
+CHOICES = ("triton", "liger", "compile", "eager")
+# The forms an operation's layer comes in, and the attributes its fused module reads from the
+# layer it replaces. rope "tables": the built-in layer, (q, k, start) over cos/sin tables;
+# rope "hf": transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) as a module.
+ROLES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("rms_norm", "default"): ("weight", "eps"),
+    ("swiglu", "default"): ("gate", "up", "down"),
+    ("rope", "tables"): ("cos", "sin"),
+    ("rope", "hf"): (),
+    ("cross_entropy", "default"): (),
 }
-_FUSED_TYPES = (TritonRMSNorm, TritonSwiGLU, TritonRotaryEmbedding, FusedLMHeadLoss)
+_DEFAULT_FORM = {"rope": "tables"}
 
 
 @dataclass(frozen=True)
@@ -53,28 +62,49 @@ class Binding:
 
     op: str
     attrs: Mapping[str, str] = field(default_factory=dict)
+    form: str = ""  # "" is the operation's default form (see ROLES)
 
     def __post_init__(self) -> None:
-        if self.op not in ROLES:
+        if self.op not in OPS:
             raise ValueError(f"Binding.op: unknown operation {self.op!r}; allowed: {', '.join(OPS)}")
-        missing = [r for r in ROLES[self.op] if r not in self.attrs]
-        extra = [r for r in self.attrs if r not in ROLES[self.op]]
+        if not self.form:
+            object.__setattr__(self, "form", _DEFAULT_FORM.get(self.op, "default"))
+        forms = [f for o, f in ROLES if o == self.op]
+        if (self.op, self.form) not in ROLES:
+            raise ValueError(
+                f"Binding.form for {self.op}: {self.form!r} is not allowed; allowed: {', '.join(forms)}"
+            )
+        roles = ROLES[self.op, self.form]
+        missing = [r for r in roles if r not in self.attrs]
+        extra = [r for r in self.attrs if r not in roles]
         if missing or extra:
             raise ValueError(
-                f"Binding.attrs for {self.op}: expected roles {', '.join(ROLES[self.op]) or '(none)'}; "
+                f"Binding.attrs for {self.op}: expected roles {', '.join(roles) or '(none)'}; "
                 f"missing {missing}, unknown {extra}"
             )
 
-    def triton_module(self, module: nn.Module) -> nn.Module:
-        """The fused counterpart of `module`, sharing its parameters and buffers."""
+    def fused_module(self, module: nn.Module, kind: str = "triton") -> nn.Module:
+        """The fused counterpart of `module` (optrun's Triton kernels, or Liger-Kernel's when
+        `kind` is "liger"), sharing its parameters and buffers."""
         a = dict(self.attrs)
+        if kind == "liger":
+            from optrun.runtime.kernels import liger
+
+            return liger.module_for(self.op, self.form, module, a)
+        if kind != "triton":
+            raise ValueError(f"kind: {kind!r} is not allowed; allowed: triton, liger")
         if self.op == "rms_norm":
             return TritonRMSNorm.from_module(module, weight=a["weight"], eps=a["eps"])
         if self.op == "swiglu":
             return TritonSwiGLU.from_module(module, gate=a["gate"], up=a["up"], down=a["down"])
+        if self.op == "rope" and self.form == "hf":
+            return TritonRotaryApply.from_module(module)
         if self.op == "rope":
             return TritonRotaryEmbedding.from_module(module, cos=a["cos"], sin=a["sin"])
         return FusedLMHeadLoss.from_module(module)
+
+    def triton_module(self, module: nn.Module) -> nn.Module:
+        return self.fused_module(module, "triton")
 
 
 DEFAULT_MAPPING: dict[type[nn.Module], Binding] = {
@@ -107,25 +137,39 @@ def llama_style_binding(module: nn.Module) -> Binding | None:
 
 
 def binding_for(
-    module: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None
+    module: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None, *, structural: bool = True
 ) -> Binding | None:
     """How `module` maps onto an operation: a declared mapping first, then the defaults, then
-    Llama-style structure; None for modules no operation covers (and for already fused ones)."""
-    if isinstance(module, _FUSED_TYPES):
+    (with `structural`) Llama-style structure; None for modules no operation covers (and for
+    already fused ones)."""
+    if getattr(module, "optrun_fused", False):
         return None
     for table in (mapping or {}, DEFAULT_MAPPING):
         if type(module) in table:
             return table[type(module)]
-    return llama_style_binding(module)
+    return llama_style_binding(module) if structural else None
+
+
+def model_mapping(
+    model: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None
+) -> tuple[dict[type[nn.Module], Binding], bool]:
+    """The bindings a model declares (`CausalLM.patch_mapping`) with the caller's on top, and
+    whether layers may also be recognised by structure (not for models whose families are
+    declared: a look-alike norm such as Gemma's (1 + weight) would compute something else)."""
+    declared = getattr(model, "patch_mapping", None)
+    merged: dict[type[nn.Module], Binding] = dict(declared()) if callable(declared) else {}
+    merged.update(mapping or {})
+    return merged, bool(getattr(model, "recognise_by_structure", True))
 
 
 def find_ops(
     model: nn.Module, mapping: Mapping[type[nn.Module], Binding] | None = None
 ) -> dict[str, tuple[nn.Module, Binding]]:
     """Every module of `model` that an operation covers, by qualified name, in model order."""
+    table, structural = model_mapping(model, mapping)
     found = {}
     for name, module in model.named_modules():
-        binding = binding_for(module, mapping)
+        binding = binding_for(module, table, structural=structural)
         if binding is not None:
             found[name] = (module, binding)
     return found
@@ -208,7 +252,7 @@ def patch_model(
     operation left out stays eager). Returns what was swapped."""
     wanted = _check_choices(choices)
     device = _device(model)
-    if "triton" in wanted.values() and not triton_runs_on(device):
+    if {"triton", "liger"} & set(wanted.values()) and not triton_runs_on(device):
         raise TritonUnavailableError(
             f"choices: triton needs a CUDA device, the model is on {device.type}; "
             "set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (tests only)"
@@ -216,8 +260,8 @@ def patch_model(
     report = PatchReport()
     for path, (module, binding) in find_ops(model, mapping).items():
         choice = wanted.get(binding.op, "eager")
-        if choice == "triton":
-            new = binding.triton_module(module)
+        if choice in ("triton", "liger"):
+            new = binding.fused_module(module, choice)
             _replace(model, path, new)
         elif choice == "compile":
             new = use_compiled(module)

@@ -1,14 +1,14 @@
 """Kernel selection: per operation and shape, measure the candidates on the device and keep the
 fastest one that computes the same thing.
 
-Candidates are `triton` (the fused kernels), `compile` (torch.compile of the layer's own
-forward) and `eager`. Each is timed forward + backward on the inputs the model really gives
+Candidates are `triton` (optrun's fused kernels), `liger` (Liger-Kernel's, when installed),
+`compile` (torch.compile of the layer's own forward) and `eager`. Each is timed forward + backward on the inputs the model really gives
 that layer (captured with a hook during one forward on a sample batch, so shapes, dtypes,
 strides and autocast are those of the run), with `optrun.runtime.timing.measure`. A candidate
 whose outputs or gradients differ from eager beyond `parity.MODEL_TOLERANCE` is rejected, with
 the place where it differs as the reason. Nothing is chosen by assumption; what could not be
 measured is recorded with why:
-- on a CPU, Triton is not a candidate: it runs there only in its interpreter, a correctness
+- on a CPU, Triton (optrun's kernels and Liger's) is not a candidate: it runs there only in its interpreter, a correctness
   tool (the kernels' CPU tests use it) that is orders of magnitude slower than eager;
 - torch.compile must compile within `compile_timeout_s` (by default 2 s on a CPU, where
   Inductor's C++ toolchain takes several seconds even warm, and the quickstart's whole budget
@@ -38,6 +38,7 @@ import torch
 import triton
 from torch import Tensor, nn
 
+from optrun.runtime.kernels import liger
 from optrun.runtime.kernels.ops._launch import TritonUnavailableError, triton_runs_on
 from optrun.runtime.kernels.parity import MODEL_TOLERANCE, Mismatch, compare, tolerance
 from optrun.runtime.kernels.patcher import CHOICES, Binding, compiled_forward, find_ops
@@ -46,6 +47,7 @@ from optrun.runtime.timing import measure
 log = logging.getLogger(__name__)
 
 MODES = ("auto", *CHOICES)
+_KIND_NAMES = {"triton": "optrun's Triton kernels", "liger": "Liger-Kernel's Triton kernels"}
 CACHE_VERSION = 1
 
 
@@ -228,7 +230,7 @@ def _try(
         # Triton's own errors (a kernel that fails to compile for this shape or GPU, runs out of
         # shared memory or registers: CompilationError, OutOfResources, PTXASError) are not
         # RuntimeErrors; they only occur natively, and must skip the candidate, not end the run.
-        except (RuntimeError, ValueError, triton.TritonError) as exc:
+        except (RuntimeError, ValueError, AssertionError, triton.TritonError) as exc:
             sel.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
             return None
     mismatch = _parity(got, reference, autocast_dtype or reference[0][0].dtype)
@@ -333,9 +335,9 @@ def select_kernels(
     trains under autocast with (None: no autocast). cache_path: None disables the cache."""
     if mode not in MODES:
         raise ValueError(f"mode: unknown kernel mode {mode!r}; allowed: {', '.join(MODES)}")
-    if mode == "triton" and not triton_runs_on(device):
+    if mode in ("triton", "liger") and not triton_runs_on(device):
         raise TritonUnavailableError(
-            f"spec.optimizations.kernels.mode: triton needs a CUDA device, this run is on {device.type}; "
+            f"spec.optimizations.kernels.mode: {mode} needs a CUDA device, this run is on {device.type}; "
             "use auto, compile or eager, or set TRITON_INTERPRET=1 to run the kernels in Triton's "
             "interpreter (tests only)"
         )
@@ -375,22 +377,32 @@ def select_kernels(
         eager = _Step(sample.module, sample, _params(sample), autocast)
         reference = eager()
         sel.times["eager"] = measure(eager, device, warmup=warmup, repeats=repeats).median
-        if device.type != "cuda":
-            sel.skipped["triton"] = (
-                f"not a candidate on {device.type}: Triton runs natively only on CUDA (its CPU interpreter is for tests)"
-            )
-        else:
-            _try(
-                sel,
-                "triton",
-                _Step(sample.binding.triton_module(sample.module), sample, _params(sample), autocast),
-                reference,
-                autocast_dtype,
-                device,
-                warmup,
-                repeats,
-                None,
-            )
+        for kind in ("triton", "liger"):
+            usable, why = (True, "") if kind == "triton" else liger.available()
+            if device.type != "cuda":
+                sel.skipped[kind] = (
+                    f"not a candidate on {device.type}: {_KIND_NAMES[kind]} run natively only on CUDA "
+                    "(Triton's CPU interpreter is for tests)"
+                )
+            elif not usable:
+                sel.skipped[kind] = why
+            else:
+                try:
+                    fused = sample.binding.fused_module(sample.module, kind)
+                except (RuntimeError, ValueError, ImportError) as exc:
+                    sel.skipped[kind] = f"failed: {type(exc).__name__}: {exc}"
+                    continue
+                _try(
+                    sel,
+                    kind,
+                    _Step(fused, sample, _params(sample), autocast),
+                    reference,
+                    autocast_dtype,
+                    device,
+                    warmup,
+                    repeats,
+                    None,
+                )
         pending.append((op, key, sel, sample, reference))
 
     compile_failed: str | None = None  # once compile has proved unusable, it is not tried again

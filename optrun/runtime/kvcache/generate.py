@@ -17,14 +17,17 @@ train on such prompts, like the RLVR stage, use the same padding in training and
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from optrun.runtime.data import EOS, PAD
 from optrun.runtime.kvcache.cache import DENSE_DTYPES, KVCacheFactory, check_dtype, make_cache
+from optrun.runtime.lm.base import autocast
 
 _TORCH_TO_NAME = {dt: name for name, dt in DENSE_DTYPES.items()}
 
@@ -91,19 +94,27 @@ def generate(
     cache_factory: KVCacheFactory | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
-    eos_id: int | None = EOS,
-    pad_id: int = PAD,
+    eos_id: int | Literal["model"] | None = "model",
+    pad_id: int | Literal["model"] = "model",
     generator: torch.Generator | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Generation:
     """Generate up to `max_new_tokens` after `prompt` (B, P) for every row.
 
     use_cache: decode with a KV cache (`cache_factory(batch, max_len)` when given, else a
     preallocated cache of `cache_dtype`, by default the model's parameter dtype).
-    temperature 0 is greedy; eos_id None never stops early (fixed-length timing runs)."""
+    temperature 0 is greedy; eos_id None never stops early (fixed-length timing runs); "model"
+    (the default) takes EOS and PAD from the model's tokenizer. compute_dtype: the run's compute
+    dtype (autocast below fp32)."""
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, P) tensor, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tok = getattr(model, "tokenizer", None)
+    if eos_id == "model":
+        eos_id = tok.eos_id if tok is not None else EOS
+    if pad_id == "model":
+        pad_id = tok.pad_id if tok is not None else PAD
     cfg = model.cfg
     b, p = prompt.shape
     total = p + max_new_tokens
@@ -123,7 +134,9 @@ def generate(
             cache = make_cache(cfg, b, total, dtype, device)
     was_training = model.training
     model.eval()
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(autocast(device, compute_dtype))
         tokens = torch.empty((b, total), dtype=torch.long, device=device)
         tokens[:, :p] = prompt
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -149,6 +162,7 @@ def generate(
         used = p + n + 1
         tokens[:, used:] = pad_id
     finally:
+        stack.close()
         model.train(was_training)
     return Generation(tokens=tokens, completions=tokens[:, p:], lengths=lengths, prompt_len=p)
 

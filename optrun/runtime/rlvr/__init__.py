@@ -1,7 +1,7 @@
 """RLVR: reinforcement learning from verifiable rewards (GRPO) on arithmetic tasks.
 
 Stage entry point `run(ctx, model)` stores `ctx.results["rlvr"]`:
-  task, max_digits, seed, policy_init   what was trained, and from what ("fresh": see below)
+  task, max_digits, seed, policy_init   what was trained, and from what ("trained": the lineage's model)
   warmup_steps                          supervised warm-up steps taken (reported as such; 0 = none)
   warmup_max_steps, warmup_target_accuracy, warmup_probe_accuracy ([step, accuracy] checks on
                                         training problems), warmup_loss
@@ -16,11 +16,14 @@ Stage entry point `run(ctx, model)` stores `ctx.results["rlvr"]`:
                                         exact-match rate), kl, clip_fraction, completion_length,
                                         loss, groups_with_signal, seconds
   kl_final, kl_max, eval_problems, seconds (warmup, pre_eval, rl, post_eval, total)
+  heldout_lm                            {before, after}: held-out loss, perplexity and accuracy
+                                        of the model on the run's own data around the stage
 
-The policy starts from a fresh tiny-lm (`ctx.model_factory()`), not from the trained model the
-orchestrator passes: the pydoc-trained weights carry nothing a byte-level model needs for
-arithmetic, the trained model may be kernel-patched or weight-quantized (a quantized copy cannot
-be trained), and a fresh start makes the RLVR result independent of the train stage.
+The policy is the model the train stage handed on (kernel-patched where the kernels stage
+patched it), trained in place: what RLVR does to the model that would roll out is what is
+judged. Prompts and answers go through the model's tokenizer (and its chat template when it
+uses one). The supervised warm-up is what teaches a small model the answer format; it is
+reported as such.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch import nn
 
 from optrun.api.v1alpha1 import RLVR
 from optrun.runtime.context import RunContext
-from optrun.runtime.rlvr.grpo import GRPO, GRPOConfig, evaluate, supervised_warmup
+from optrun.runtime.lm import base as lm
+from optrun.runtime.rlvr.grpo import GRPO, GRPOConfig, Replay, evaluate, supervised_warmup
 from optrun.runtime.rlvr.rewards import REWARDS, Completion, combined, register_reward
 from optrun.runtime.rlvr.tasks import TASKS, Problem, get_task, heldout_set, sample
 
@@ -65,7 +69,12 @@ def measurable_improvement(pre: float, post: float, n: int) -> float:
 
 
 def train_rlvr(
-    policy: nn.Module, cfg: RLVR, *, seed: int, on_step: Callable[[int, dict[str, Any]], None] | None = None
+    policy: nn.Module,
+    cfg: RLVR,
+    *,
+    seed: int,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    replay: Replay | None = None,
 ) -> dict[str, Any]:
     """Warm-up, pre-RL evaluation, GRPO, post-RL evaluation of `policy` (trained in place)."""
     task = get_task(cfg.task)
@@ -87,6 +96,7 @@ def train_rlvr(
         rng=rng,
         target_accuracy=cfg.warmup_target_accuracy,
         probe=probe,
+        replay=replay,
     )
     seconds["warmup"] = time.monotonic() - t
     t = time.monotonic()
@@ -115,6 +125,7 @@ def train_rlvr(
             temperature=cfg.temperature,
         ),
         seed=seed,
+        replay=replay,
     )
     t = time.monotonic()
     curve = grpo.train(on_step)
@@ -156,10 +167,9 @@ def train_rlvr(
     }
 
 
-def run(ctx: RunContext, model: nn.Module | None) -> None:
-    """The rlvr stage: see the module doc; `model` (the trained model) is deliberately unused."""
+def run(ctx: RunContext, model: nn.Module) -> None:
+    """The rlvr stage: GRPO on the lineage's model (trained in place; see the module doc)."""
     cfg = ctx.spec.rlvr
-    policy = ctx.model_factory()
     metrics = ctx.results.get("metrics")
 
     def on_step(step: int, entry: dict[str, Any]) -> None:
@@ -170,7 +180,24 @@ def run(ctx: RunContext, model: nn.Module | None) -> None:
         metrics.record("rlvr_step", **{"step": step, **entry})
         metrics.progress()
 
-    result = train_rlvr(policy, cfg, seed=ctx.spec.training.seed, on_step=on_step)
+    before = lm.evaluate(model, ctx.eval_batches(), ctx.device, ctx.dtype)
+    replay = Replay(
+        ctx.corpus,
+        ctx.spec.workload.sequence_length,
+        cfg.replay_batch_size,
+        cfg.replay_coefficient,
+        ctx.spec.training.seed + 7,
+    )
+    result = train_rlvr(model, cfg, seed=ctx.spec.training.seed, on_step=on_step, replay=replay)
+    after = lm.evaluate(model, ctx.eval_batches(), ctx.device, ctx.dtype)
+    result["policy_init"] = "trained"
+    # What RL on the task did to the model's language modelling on the run's own held-out data.
+    result["heldout_lm"] = {
+        "before": before,
+        "after": after,
+        "rise": after["loss"] / before["loss"] - 1.0,
+        "replayCoefficient": cfg.replay_coefficient,
+    }
     ctx.results["rlvr"] = result
     if metrics is not None:
         metrics.rlvr_pass.labels(phase="pre").set(result["pre_accuracy"])

@@ -2,7 +2,8 @@
 
 They judge what `optrun.runtime.rlvr.run` recorded (`ctx.results["rlvr"]`): held-out accuracy
 before and after GRPO, the KL to the reference along the way, the answer format, and that every
-step completed with a finite loss.
+step completed with a finite loss, and that the model kept its language modelling on the run's
+own held-out data.
 """
 
 from __future__ import annotations
@@ -86,3 +87,23 @@ def completed(ctx: RunContext) -> Check:
         reason=f"{len(curve)} of {ctx.spec.rlvr.steps} GRPO steps"
         + (f"; non-finite at steps {bad[:5]}" if bad else ""),
     )
+
+
+@SUITE.test("rlvr.language-modelling-kept", Category.END_TO_END, critical=True, applies=enabled)
+def language_modelling_kept(ctx: RunContext) -> Check:
+    """RL on the task did not erase what fine-tuning taught: the model's held-out loss on the
+    run's own data rises by at most rlvr.maxHeldOutLossRise across the stage."""
+    lm = _results(ctx)["heldout_lm"]
+    check = in_range(
+        lm["rise"],
+        None,
+        ctx.spec.rlvr.max_heldout_loss_rise,
+        what=f"relative rise of held-out loss across RLVR ({lm['before']['loss']:.4f} -> {lm['after']['loss']:.4f}, "
+        f"replay coefficient {lm['replayCoefficient']:g})",
+    )
+    check.measured = {
+        "before": round(lm["before"]["loss"], 6),
+        "after": round(lm["after"]["loss"], 6),
+        "rise": round(lm["rise"], 6),
+    }
+    return check

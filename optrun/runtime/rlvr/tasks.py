@@ -5,9 +5,10 @@ A problem is a prompt such as "12+7=" and its answer "19". Operands are drawn un
 split is the same for every seed and every max_digits) is held out: training, warm-up and
 GRPO never see those pairs, and accuracy is measured on them only.
 
-Encoding for the byte-level TinyLM: BOS + prompt bytes, left-padded with PAD to the widest
-prompt of the family (TinyLM has no attention mask, so a batch shares one prompt length); the
-completion is the answer's bytes followed by EOS.
+Encoding goes through the model's tokenizer: BOS + the prompt (or the tokenizer's chat template
+around it), left-padded with PAD (the built-in models have no attention mask, so a batch shares
+one prompt length; byte-level prompts are padded to the family's widest prompt); the completion
+is the answer's tokens followed by EOS.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from optrun.runtime.data import EOS, PAD, encode
 from optrun.runtime.kvcache.generate import left_pad
+from optrun.runtime.lm.tokenizers import ByteTokenizer
 
 
 @dataclass(frozen=True)
@@ -94,24 +96,40 @@ def heldout_set(task: Task, n: int, max_digits: int) -> list[Problem]:
     return sample(task, n, max_digits, random.Random(20_240_607), "heldout")
 
 
-def encode_prompts(problems: list[Problem], task: Task, max_digits: int) -> torch.Tensor:
-    """(N, prompt_width) token ids, BOS + prompt, left-padded with PAD."""
-    width = task.prompt_width(max_digits)
-    ids = [encode(p.prompt, bos=True) for p in problems]
-    padded = left_pad(ids, PAD)
+def prompt_ids(problem: Problem, tokenizer: Any) -> list[int]:
+    """One prompt's ids: through the tokenizer's chat template when it uses one (a user turn
+    holding the problem, then the assistant's header), else BOS + the problem."""
+    chat = tokenizer.render_chat([{"role": "user", "content": problem.prompt}], generation_prompt=True)
+    if chat is not None:
+        return list(tokenizer.encode(chat))
+    return list(tokenizer.encode(problem.prompt, bos=True))
+
+
+def encode_prompts(
+    problems: list[Problem], task: Task, max_digits: int, tokenizer: Any = None
+) -> torch.Tensor:
+    """(N, width) prompt ids, left-padded with the tokenizer's PAD (byte-level by default: at
+    least the family's widest prompt, so every batch of the family has one shape)."""
+    tok = tokenizer if tokenizer is not None else ByteTokenizer()
+    width = task.prompt_width(max_digits) if tokenizer is None else 0
+    ids = [prompt_ids(p, tok) for p in problems]
+    padded = left_pad(ids, tok.pad_id)
     if padded.shape[1] < width:
         padded = torch.cat(
-            (torch.full((len(ids), width - padded.shape[1]), PAD, dtype=torch.long), padded), 1
+            (torch.full((len(ids), width - padded.shape[1]), tok.pad_id, dtype=torch.long), padded), 1
         )
     return padded
 
 
-def encode_answers(problems: list[Problem], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, width) answer bytes + EOS, right-padded with PAD, and the mask of real tokens."""
-    out = torch.full((len(problems), width), PAD, dtype=torch.long)
+def encode_answers(
+    problems: list[Problem], width: int, tokenizer: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, width) answer ids + EOS, right-padded with PAD, and the mask of real tokens."""
+    tok = tokenizer if tokenizer is not None else ByteTokenizer()
+    out = torch.full((len(problems), width), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((len(problems), width), dtype=torch.bool)
     for i, p in enumerate(problems):
-        ids = [*encode(p.answer), EOS][:width]
+        ids = [*tok.encode(p.answer), tok.eos_id][:width]
         out[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = True
     return out, mask

@@ -41,12 +41,14 @@ def layer_group(param_name: str) -> str:
 
 
 def group_grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradient per layer group (parameters without a gradient are skipped)."""
+    """L2 norm of the gradient per layer group (parameters without a gradient are skipped); the
+    groups are the model's own (`CausalLM.layer_group`), by name pattern otherwise."""
+    group_of = getattr(model, "layer_group", layer_group)
     sq: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = layer_group(name)
+        g = group_of(name)
         val = p.grad.detach().float().pow(2).sum()
         sq[g] = sq[g] + val if g in sq else val
     return {g: math.sqrt(v.item()) for g, v in sq.items()}

@@ -31,6 +31,7 @@ from torch import nn
 from optrun.api.result import TrainingSummary
 from optrun.api.v1alpha1 import OptimizationRunSpec
 from optrun.runtime.data import Corpus
+from optrun.runtime.lm.base import DTYPES, adamw, autocast, evaluate
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.training.checkpoint import CheckpointStore, rng_state, set_rng_state
 from optrun.runtime.training.faults import FaultInjector, InjectedFault
@@ -43,8 +44,6 @@ from optrun.runtime.training.gates import (
 )
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Interrupted(RuntimeError):
@@ -124,14 +123,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         self.eval_every = max(1, self.steps_per_epoch // 4)
         self.eval_set = corpus.eval_batches(self.seq_len, self.batch_size, t.eval_batches)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.learning_rate,
-            betas=(0.9, 0.95),
-            foreach=False,
-        )
+        self.optimizer = adamw(model, t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, self.total_steps)
         )
@@ -280,9 +272,7 @@ class Trainer:
         self._advance(skipped=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[Trip | None, float]:
         """Gradients of the mean loss over micro-batches; a tripped gate instead of a step."""
@@ -377,32 +367,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        result = evaluate(self.model, self.eval_set, self.device, self._autocast)
+        result = evaluate(self.model, self.eval_set, self.device, self.amp_dtype)
         point = {"epoch": self.epoch, "step": self.step, **result}
         self.evals.append(point)
         self.metrics.evaluation(
             epoch=self.epoch, step=self.step, loss=result["loss"], accuracy=result["accuracy"]
         )
         return point
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> dict[str, float]:
-    """Held-out loss and next-token accuracy over fixed batches."""
-    was_training = model.training
-    model.eval()
-    losses, correct, total = [], 0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x)
-        losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-        correct += int((logits.argmax(-1) == y).sum().item())
-        total += y.numel()
-    model.train(was_training)
-    return {"loss": sum(losses) / len(losses), "accuracy": correct / total}

@@ -50,13 +50,14 @@ def node_agent_values(namespace: str) -> dict[str, Any]:
     The node agent runs every pod in the host's network namespace and the operator binds its
     ports on all addresses, so two operator processes cannot run at once: one replica, replaced
     by Recreate (a surge pod would find its ports taken). Free ports keep the operator and the
-    runtime clear of anything else on this machine. The operator watches only `namespace`, so
+    runtime clear of anything else on this machine. The operator watches only `namespace` (not cluster-wide), so
     runs that other tests leave in the shared cluster are never picked up."""
     return {
         "replicaCount": 1,
         "updateStrategy": {"type": "Recreate", "rollingUpdate": None},
         "ports": {"metrics": free_port(), "health": free_port()},
         "operator": {
+            "clusterWide": False,
             "namespaces": [namespace],
             "runtime": {"metricsPort": free_port()},
             # Looks at live runs often, so a tiny run is judged within seconds of its end.
@@ -108,9 +109,29 @@ class Helm:
         *,
         release: str = "optrun",
         namespace: str = "optrun-system",
+        kube_version: str | None = None,
     ) -> list[dict[str, Any]]:
-        out = self.run("template", release, str(CHART), "--namespace", namespace, *self._values_args(values))
+        """The rendered objects; `kube_version` renders for that API server (as `helm install` does
+        for the cluster it talks to), else for helm's default (a recent one)."""
+        args = ["--kube-version", kube_version] if kube_version else []
+        out = self.run(
+            "template", release, str(CHART), "--namespace", namespace, *args, *self._values_args(values)
+        )
         return [d for d in yaml.load_all(out.stdout, Loader=Yaml12Loader) if d]
+
+    def notes(self, values: Mapping[str, Any] | None = None, *, namespace: str = "optrun-system") -> str:
+        """NOTES.txt as `helm install` prints it, rendered without a cluster (a client dry run)."""
+        out = self.run(
+            "install",
+            "optrun",
+            str(CHART),
+            "--dry-run=client",
+            "--namespace",
+            namespace,
+            *self._values_args(values),
+        )
+        assert "\nNOTES:\n" in out.stdout, out.stdout
+        return out.stdout.split("\nNOTES:\n", 1)[1]
 
     def install(
         self, release: str, namespace: str, values: Mapping[str, Any]

@@ -1,6 +1,7 @@
 """The chart as helm renders it: lint, the values schema, what the API server accepts (server-side
 dry run) and keeps, and the rendered RBAC, operator configuration and CRD against the code they
-must match.
+must match; what kube-prometheus-stack's Prometheus selects, what the aggregated roles give
+people, the PodDisruptionBudget, the explicit cluster-wide switch, and NOTES.txt.
 
 The monitoring.coreos.com CRDs are not part of the test cluster; tests/fixtures/monitoring-crds.yaml
 holds minimal structural schemas of ServiceMonitor, PodMonitor and PrometheusRule (see its header)
@@ -8,7 +9,9 @@ so that those objects are validated by the API server too, and their misspelt fi
 
 from __future__ import annotations
 
+import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from optrun.cli import load_manifest
 from optrun.operator import config as operator_config
 from optrun.operator import rbac
 from tests.integration.chart.helmtool import (
@@ -26,15 +30,24 @@ from tests.integration.chart.helmtool import (
     Helm,
     Yaml12Loader,
     apply_crds,
+    merged,
 )
+from tests.integration.monitoring.promstack import kube_prometheus_stack_selectors, selected_by
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
+MONITORS = {
+    "serviceMonitor": {"enabled": True},
+    "podMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+}
 EVERY_OPTION: dict[str, Any] = {
+    "monitoring": {"labels": {"release": "kps"}},
     "metrics": {
-        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
-        "podMonitor": {"enabled": True, "labels": {"release": "kps"}},
-        "prometheusRule": {"enabled": True, "labels": {"release": "kps"}, "alertLabels": {"team": "ml"}},
+        "serviceMonitor": {"enabled": True, "labels": {"scrape": "operator"}},
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "alertLabels": {"team": "ml"}},
         "dashboard": {"enabled": True},
     },
     "commonLabels": {"team": "ml"},
@@ -55,7 +68,15 @@ def test_helm_lint_passes_with_the_defaults_and_with_every_option_on(helm: Helm,
     helm.run("lint", "--strict", str(CHART))
     values = tmp_path / "every-option.yaml"
     values.write_text(yaml.safe_dump(EVERY_OPTION))
-    helm.run("lint", "--strict", str(CHART), "-f", str(values), "--set", "operator.namespaces={a,b}")
+    helm.run(
+        "lint",
+        "--strict",
+        str(CHART),
+        "-f",
+        str(values),
+        "--set",
+        "operator.clusterWide=false,operator.namespaces={a,b}",
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,6 +88,10 @@ def test_helm_lint_passes_with_the_defaults_and_with_every_option_on(helm: Helm,
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"metrics": {"prometheusRule": {"gateTripStorm": {"window": "ten minutes"}}}}, "window"),
         ({"operator": {"scrapeIntervalSeconds": 0}}, "scrapeIntervalSeconds"),
+        ({"monitoring": {"label": {"release": "kps"}}}, "label"),  # the key is `labels`
+        ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
+        ({"operator": {"clusterWide": "yes"}}, "clusterWide"),
+        ({"metrics": {"prometheusRule": {"runbookUrl": "docs/runbooks.md"}}}, "runbookUrl"),
     ],
 )
 def test_values_file_with_a_typo_or_a_bad_value_is_rejected_by_the_schema(
@@ -110,15 +135,17 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
     # What `helm install` does first (the chart's crds/ directory), and the monitoring CRDs a
     # cluster with prometheus-operator has.
     apply_crds(kubectl, KOPF_CRDS, MONITORING_CRDS)
-    values = dict(EVERY_OPTION, operator={"namespaces": [namespace, "default"]} if watched else {})
-    docs = helm.template(values, release="optrun-dry", namespace=namespace)
+    scope = {"clusterWide": False, "namespaces": [namespace, "default"]} if watched else {}
+    values = dict(EVERY_OPTION, operator=scope)
+    # Rendered for this API server, as `helm install` renders for the cluster it talks to.
+    docs = helm.template(
+        values, release="optrun-dry", namespace=namespace, kube_version=_server_version(kubectl)
+    )
     kinds = sorted({d["kind"] for d in docs})
     expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"}
-    expected |= {"PodMonitor", "PrometheusRule", "ConfigMap"}
+    expected |= {"PodMonitor", "PrometheusRule", "ConfigMap", "PodDisruptionBudget", "ClusterRole"}
     expected |= (
-        {"Role", "RoleBinding", "KopfPeering"}
-        if watched
-        else {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+        {"Role", "RoleBinding", "KopfPeering"} if watched else {"ClusterRoleBinding", "ClusterKopfPeering"}
     )
     assert set(kinds) == expected
 
@@ -147,7 +174,7 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
 def test_rendered_rbac_is_exactly_the_operator_rules_cluster_wide_or_per_namespace(helm: Helm) -> None:
     rules = [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rbac.RULES]
     cluster = helm.template()
-    (role,) = _kind(cluster, "ClusterRole")
+    (role,) = [r for r in _kind(cluster, "ClusterRole") if r["metadata"]["name"] == "optrun"]
     assert role["rules"] == rules
     (binding,) = _kind(cluster, "ClusterRoleBinding")
     (account,) = _kind(cluster, "ServiceAccount")
@@ -156,8 +183,10 @@ def test_rendered_rbac_is_exactly_the_operator_rules_cluster_wide_or_per_namespa
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "optrun-system"}
     ]
 
-    scoped = helm.template({"operator": {"namespaces": ["team-a", "team-b"]}})
-    assert not _kind(scoped, "ClusterRole") and not _kind(scoped, "ClusterRoleBinding")
+    scoped = helm.template({"operator": {"clusterWide": False, "namespaces": ["team-a", "team-b"]}})
+    # Only the roles for people (aggregated into view and edit) are cluster-wide.
+    assert {r["metadata"]["name"] for r in _kind(scoped, "ClusterRole")} == {"optrun-view", "optrun-edit"}
+    assert not _kind(scoped, "ClusterRoleBinding")
     roles = _kind(scoped, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert all(r["rules"] == rules for r in roles)
@@ -179,6 +208,7 @@ def test_rendered_operator_environment_is_a_valid_operator_configuration_with_th
 ) -> None:
     values = {
         "operator": {
+            "clusterWide": False,
             "namespaces": ["team-a"],
             "runtime": {
                 "image": {"repository": "registry.local/optrun-runtime", "tag": "9.9.9"},
@@ -240,3 +270,198 @@ def test_rendered_crd_is_the_generated_crd_kept_on_uninstall_only_when_asked(hel
     (not_kept,) = _kind(helm.template({"crds": {"keep": False}}), "CustomResourceDefinition")
     assert "helm.sh/resource-policy" not in (not_kept["metadata"].get("annotations") or {})
     assert not _kind(helm.template({"crds": {"enabled": False}}), "CustomResourceDefinition")
+
+
+def _server_version(kubectl: Any) -> str:
+    return str(yaml.safe_load(kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"])
+
+
+# --- kube-prometheus-stack --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kps_release, values",
+    [
+        # The chart's default monitoring.labels: a kube-prometheus-stack installed under its own name.
+        ("kube-prometheus-stack", {}),
+        ("kps", {"monitoring": {"labels": {"release": "kps"}}}),
+        # An object's own labels win over monitoring.labels.
+        ("prom-b", {"metrics": {m: {"labels": {"release": "prom-b"}} for m in MONITORS}}),
+    ],
+)
+def test_kube_prometheus_stacks_default_selectors_pick_up_every_monitor_and_rule(
+    helm: Helm, kubectl: Any, cluster: Any, namespace: str, kps_release: str, values: dict[str, Any]
+) -> None:
+    apply_crds(kubectl, MONITORING_CRDS)
+    docs = helm.template(merged({"metrics": MONITORS}, values), namespace=namespace)
+    monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")]
+    assert sorted(m["kind"] for m in monitors) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump_all(monitors, f)
+        f.flush()
+        kubectl("apply", "-n", namespace, "-f", f.name)
+    api = cluster.api()
+    # The API server applies the selectors, as it does for prometheus-operator's list calls.
+    picked = selected_by(api, kube_prometheus_stack_selectors(kps_release), namespace)
+    assert sorted((m["kind"], m["metadata"]["name"]) for m in picked) == sorted(
+        (m["kind"], m["metadata"]["name"]) for m in monitors
+    )
+    assert not selected_by(api, kube_prometheus_stack_selectors("another-prometheus"), namespace)
+
+
+# --- RBAC for people, the cluster-wide switch -----------------------------------------------------
+
+
+def _can(kubectl: Any, user: str, verb: str, namespace: str) -> bool:
+    result = kubectl(
+        "auth", "can-i", verb, "optimizationruns.optrun.io", "-n", namespace, "--as", user, check=False
+    )
+    return result.stdout.strip() == "yes"
+
+
+def test_aggregated_roles_let_view_read_and_edit_change_runs_through_the_built_in_roles(
+    helm: Helm, kubectl: Any, namespace: str
+) -> None:
+    # kubectl auth can-i resolves the resource through discovery: the CRD must be served.
+    apply_crds(kubectl, REPO / "crds" / "optrun.io_optimizationruns.yaml")
+    release = f"agg-{uuid.uuid4().hex[:6]}"
+    roles = [d for d in helm.template(release=release) if d["kind"] == "ClusterRole"]
+    people = [
+        r for r in roles if r["metadata"]["name"] in (f"{release}-optrun-view", f"{release}-optrun-edit")
+    ]
+    assert len(people) == 2
+    viewer, editor = f"viewer-{release}", f"editor-{release}"
+    # Before the chart's roles exist, the built-in roles know nothing of OptimizationRuns.
+    kubectl("create", "rolebinding", "viewer", "-n", namespace, "--clusterrole=view", f"--user={viewer}")
+    kubectl("create", "rolebinding", "editor", "-n", namespace, "--clusterrole=edit", f"--user={editor}")
+    assert not _can(kubectl, viewer, "list", namespace) and not _can(kubectl, editor, "create", namespace)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump_all(people, f)
+        f.flush()
+        kubectl("apply", "-f", f.name)
+        try:
+            # The controller manager's clusterrole-aggregation controller adds the rules.
+            wait_for(
+                lambda: (
+                    _can(kubectl, viewer, "list", namespace) and _can(kubectl, editor, "create", namespace)
+                ),
+                message="the aggregated rules in the built-in view and edit roles",
+            )
+            for verb in ("get", "list", "watch"):
+                assert _can(kubectl, viewer, verb, namespace) and _can(kubectl, editor, verb, namespace)
+            for verb in ("create", "update", "patch", "delete", "deletecollection"):
+                assert _can(kubectl, editor, verb, namespace), verb
+                assert not _can(kubectl, viewer, verb, namespace), verb
+            # The status is the operator's: nobody but it writes there.
+            status = kubectl(
+                "auth",
+                "can-i",
+                "patch",
+                "optimizationruns.optrun.io",
+                "--subresource=status",
+                "-n",
+                namespace,
+                "--as",
+                editor,
+                check=False,
+            )
+            assert status.stdout.strip() == "no"
+            # Granted per namespace, through the binding: nothing elsewhere.
+            assert not _can(kubectl, editor, "create", "default")
+        finally:
+            kubectl("delete", "-f", f.name, "--wait=false")
+
+
+@pytest.mark.parametrize(
+    "operator, named",
+    [
+        ({"namespaces": ["team-a"]}, "operator.clusterWide=false"),  # clusterWide is true by default
+        ({"clusterWide": False}, "operator.namespaces"),
+    ],
+)
+def test_a_namespace_list_that_contradicts_the_cluster_wide_switch_is_refused(
+    helm: Helm, tmp_path: Path, operator: dict[str, Any], named: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"operator": operator}))
+    result = helm.run("template", "optrun", str(CHART), "-f", str(path), check=False)
+    assert result.returncode != 0 and named in result.stderr and "clusterWide" in result.stderr, result.stderr
+
+
+def _rule_lines() -> list[str]:
+    return [f"{', '.join(r['verbs'])} on {', '.join(r['resources'])}" for r in rbac.RULES]
+
+
+def test_notes_of_a_cluster_wide_install_say_what_it_grants_in_every_namespace(helm: Helm) -> None:
+    notes = helm.notes()
+    assert "in EVERY namespace (operator.clusterWide=true)" in notes
+    assert "ClusterRole optrun grants its ServiceAccount optrun-system/optrun" in notes
+    for line in _rule_lines():  # every rule of optrun/operator/rbac.py, pods create/delete among them
+        assert line in notes, f"NOTES do not list {line!r}:\n{notes}"
+    assert "operator.clusterWide=false" in notes  # and how to narrow it
+
+    scoped = helm.notes({"operator": {"clusterWide": False, "namespaces": ["team-a", "team-b"]}})
+    assert "in the namespaces team-a, team-b" in scoped and "EVERY" not in scoped
+    assert "Role optrun in each of those namespaces" in scoped
+    assert all(line in scoped for line in _rule_lines())
+
+
+# --- NOTES ------------------------------------------------------------------------------------------
+
+
+def _notes_manifest(notes: str) -> tuple[str, str]:
+    """(namespace, manifest) of the `kubectl apply -n NS -f - <<'EOF' ... EOF` in the NOTES."""
+    m = re.search(r"^kubectl apply -n (\S+) -f - <<'EOF'\n(.*?)^EOF$", notes, re.S | re.M)
+    assert m, f"NOTES carry no run to apply:\n{notes}"
+    return m.group(1), m.group(2)
+
+
+@pytest.mark.parametrize("watched", [None, ["team-a"]], ids=["cluster-wide", "one-namespace"])
+def test_notes_work_from_the_chart_alone_their_run_is_valid_and_the_api_server_takes_it(
+    helm: Helm, kubectl: Any, tmp_path: Path, namespace: str, watched: list[str] | None
+) -> None:
+    values = {"operator": {"clusterWide": False, "namespaces": watched}} if watched else {}
+    notes = helm.notes(values)
+    # No file the chart does not ship (the source tree's examples/ or crds/ as a path to apply).
+    assert not re.search(r"-f (?!-)\S+", notes), notes
+    run_namespace, manifest = _notes_manifest(notes)
+    assert run_namespace == (watched[0] if watched else "default")  # where the operator looks
+    path = tmp_path / "hello.yaml"
+    path.write_text(manifest)
+    name, spec = load_manifest(str(path))  # what `optrun validate` checks
+    assert name == "hello-optrun" and spec.resources.gpus == 0
+    apply_crds(kubectl, REPO / "crds" / "optrun.io_optimizationruns.yaml")
+    out = kubectl("apply", "--dry-run=server", "-n", namespace, "-o", "yaml", "-f", str(path))
+    assert yaml.safe_load(out.stdout)["spec"]["workload"]["model"] == "tiny-lm"
+
+
+# --- PodDisruptionBudget ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kube_version, api_version",
+    [("1.20.2", "policy/v1beta1"), ("1.21.0", "policy/v1"), ("1.33.0", "policy/v1")],
+)
+def test_a_pod_disruption_budget_keeps_a_replica_when_there_are_several(
+    helm: Helm, kube_version: str, api_version: str
+) -> None:
+    docs = helm.template(kube_version=kube_version)
+    (deployment,) = _kind(docs, "Deployment")
+    (pdb,) = _kind(docs, "PodDisruptionBudget")
+    assert deployment["spec"]["replicas"] == 2 and pdb["apiVersion"] == api_version
+    assert pdb["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": 1, "operator": {"peering": {"enabled": False}}},  # it would block every drain
+        {"podDisruptionBudget": {"enabled": False}},
+    ],
+)
+def test_no_pod_disruption_budget_for_one_replica_or_when_disabled(
+    helm: Helm, values: dict[str, Any]
+) -> None:
+    assert not _kind(helm.template(values), "PodDisruptionBudget")

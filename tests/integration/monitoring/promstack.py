@@ -97,6 +97,47 @@ def _named_ports(pod: JSON, name: str | int) -> Iterator[tuple[JSON, JSON]]:
                 yield container, port
 
 
+# What kube-prometheus-stack's Prometheus selects with the chart's default values
+# (prometheus.prometheusSpec.{serviceMonitor,podMonitor,rule}SelectorNilUsesHelmValues: true, its
+# templates/prometheus/prometheus.yaml, read at chart 88.5): the monitors and rules labelled
+# `release: <its own release name>`, in every namespace (its namespace selectors are {}).
+SELECTS = {  # a Prometheus object's selector -> the resource and kind it selects
+    "serviceMonitorSelector": ("servicemonitors", "ServiceMonitor"),
+    "podMonitorSelector": ("podmonitors", "PodMonitor"),
+    "ruleSelector": ("prometheusrules", "PrometheusRule"),
+}
+
+
+def kube_prometheus_stack_selectors(release: str) -> dict[str, JSON]:
+    """The selectors of the Prometheus object kube-prometheus-stack `release` creates by default."""
+    return {name: {"matchLabels": {"release": release}} for name in SELECTS}
+
+
+def label_selector(selector: JSON) -> str:
+    """A metav1.LabelSelector as the API server's labelSelector parameter."""
+    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], ",".join(expr.get("values") or [])
+        parts.append(
+            {"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key}.get(
+                op, f"!{key}"
+            )
+        )
+    return ",".join(parts)
+
+
+def selected_by(api: KubeApi, selectors: dict[str, JSON], namespace: str) -> list[JSON]:
+    """The ServiceMonitors, PodMonitors and PrometheusRules in `namespace` that a Prometheus with
+    these selectors picks up, selected by the API server as prometheus-operator has it do."""
+    found: list[JSON] = []
+    for name, selector in selectors.items():
+        resource, kind = SELECTS[name]
+        path = f"/apis/monitoring.coreos.com/v1/namespaces/{namespace}/{resource}"
+        items = api.get(path, labelSelector=label_selector(selector))["items"]
+        found += [{**item, "kind": kind} for item in items]  # a list's items carry no kind
+    return found
+
+
 class MonitorTargets:
     """Scrape jobs for the given ServiceMonitors and PodMonitors, kept up to date in SD files."""
 

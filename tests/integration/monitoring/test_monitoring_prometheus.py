@@ -3,9 +3,11 @@ every query of the dashboard returns data, and the alert rules evaluate cleanly 
 the run really did (an injected non-finite loss; a NO_GO decision if the judge gave one).
 
 One release and one run serve the whole module (module-scoped fixture `scraped`): the chart is
-installed with its ServiceMonitor, PodMonitor, PrometheusRule and dashboard; Prometheus scrapes
-the targets those monitors describe (promstack.MonitorTargets stands in for prometheus-operator)
-and evaluates the PrometheusRule's groups; a small run with every figure the dashboard shows
+installed with its ServiceMonitor, PodMonitor, PrometheusRule and dashboard, with the default
+values otherwise; the monitors and rules are picked as kube-prometheus-stack's Prometheus picks
+them (its default selectors, release=kube-prometheus-stack, the chart's default monitoring.labels);
+Prometheus scrapes the targets those monitors describe (promstack.MonitorTargets stands in for
+prometheus-operator) and evaluates the PrometheusRule's groups; a small run with every figure the dashboard shows
 (kernels, weight compression, KV cache, a non-finite loss injected) goes to a decision. Then each
 dashboard query is evaluated as Grafana would: time series panels as range queries over the
 test's time range, instant panels at its end, the variables resolved from Prometheus."""
@@ -34,7 +36,12 @@ from tests.integration.chart.helmtool import (
     merged,
     node_agent_values,
 )
-from tests.integration.monitoring.promstack import MonitorTargets, Prometheus
+from tests.integration.monitoring.promstack import (
+    MonitorTargets,
+    Prometheus,
+    kube_prometheus_stack_selectors,
+    selected_by,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -107,9 +114,8 @@ class Scraped:
         return f"{self.namespace}/{self.release}-runtime"
 
 
-def _monitors(kubectl: Any, namespace: str) -> list[dict[str, Any]]:
-    out = kubectl("get", "servicemonitors,podmonitors,prometheusrules", "-n", namespace, "-o", "json")
-    return list(json.loads(out.stdout)["items"])
+# The release name kube-prometheus-stack's docs install it as, which monitoring.labels defaults to.
+KPS_RELEASE = "kube-prometheus-stack"
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,8 @@ def scraped(
             },
         )
         helm.install(release, namespace, values)
-        monitors = _monitors(kubectl, namespace)
+        # This namespace only: other tests leave monitors in the shared cluster.
+        monitors = selected_by(api, kube_prometheus_stack_selectors(KPS_RELEASE), namespace)
         assert {m["kind"] for m in monitors} == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
         (rule,) = [m for m in monitors if m["kind"] == "PrometheusRule"]
         targets = MonitorTargets(api, [m for m in monitors if m["kind"] != "PrometheusRule"], workdir / "sd")

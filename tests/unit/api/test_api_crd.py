@@ -233,12 +233,24 @@ def test_spec_required_fields_are_the_ones_without_defaults() -> None:
 def test_enums_and_bounds_reach_the_schema() -> None:
     spec = schema()["properties"]["spec"]["properties"]
     assert spec["workload"]["properties"]["precision"]["enum"] == ["fp32", "bf16", "fp16"]
-    assert spec["workload"]["properties"]["dataset"]["enum"] == ["pydoc"]
+    assert spec["volumes"]["items"]["properties"]["mountPath"]["pattern"] == "^/"
+
     assert spec["safety"]["properties"]["nonFiniteLoss"]["enum"] == ["rollback", "skip", "fail"]
     lr = spec["training"]["properties"]["learningRate"]
     assert (lr["minimum"], lr.get("exclusiveMinimum"), lr["maximum"]) == (0.0, True, 1.0)
     batch = spec["optimizations"]["properties"]["kvCache"]["properties"]["batchSizes"]
     assert (batch["minItems"], batch["maxItems"], batch["items"]["minimum"]) == (1, 16, 1)
+
+
+def test_a_name_or_a_source_is_free_form_in_the_schema_and_checked_by_the_models() -> None:
+    """model and dataset take a name or an object: a structural schema cannot say "string or
+    object", so the API server keeps them as given and `parse_manifest` (optrun validate, the
+    operator) checks them."""
+    workload = schema()["properties"]["spec"]["properties"]["workload"]["properties"]
+    for name in ("model", "dataset"):
+        assert workload[name].get("x-kubernetes-preserve-unknown-fields") is True, name
+        assert "type" not in workload[name], name
+    assert workload["dataset"]["default"] == "pydoc"
 
 
 # -- names, columns, subresources -----------------------------------------------------------------
@@ -326,6 +338,8 @@ def default_mismatches(model: type[BaseModel], node: dict[str, Any], path: str) 
             elif sub.get("default") != wire or type(sub.get("default")) is not type(wire):
                 problems.append(f"{where}: model default {wire!r}, schema default {sub.get('default')!r}")
         inner = _model_in(field.annotation)
+        if inner is not None and sub.get("x-kubernetes-preserve-unknown-fields") and "properties" not in sub:
+            continue  # a name or an object (model, dataset): free-form in the schema, the models check it
         if inner is not None:
             target = sub["items"] if sub.get("type") == "array" else sub
             if "additionalProperties" in target and "properties" not in target:

@@ -97,7 +97,7 @@ def problems(doc: dict[str, Any]) -> list[str]:
         pytest.param(
             {"trainig": {"epochs": 3}},
             "spec.trainig: unknown field; allowed: workload, optimizations, training, rlvr, safety, "
-            "acceptance, faults, resources, scheduling, image, backoffLimit, activeDeadlineSeconds, "
+            "acceptance, faults, resources, scheduling, volumes, image, backoffLimit, activeDeadlineSeconds, "
             "ttlSecondsAfterFinished, suspend",
             id="unknown-field",
         ),
@@ -129,7 +129,7 @@ def problems(doc: dict[str, Any]) -> list[str]:
         pytest.param(
             {"workload": {"model": "gpt-9"}},
             "spec.workload.model: 'gpt-9' is not valid: unknown built-in model; allowed: tiny-lm, small-lm, "
-            "base-lm or 'package.module:factory'",
+            "base-lm, 'package.module:factory' or {path: DIR}",
             id="unknown-model",
         ),
         pytest.param(

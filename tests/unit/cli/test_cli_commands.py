@@ -127,3 +127,28 @@ def test_exit_codes_tell_the_decisions_apart() -> None:
     assert cli.EXIT["GO"] == 0 and cli.EXIT_TERM == 143
     for code in codes:
         assert f"{code}  " in cli.__doc__ or f"{code} " in cli.__doc__
+
+
+def test_example_model_writes_a_model_and_dataset_that_validate(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "optrun.cli", "example-model", str(tmp_path / "kit"), "--family", "mistral"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "kit" / "model" / "config.json").exists()
+    assert (tmp_path / "kit" / "data" / "train.jsonl").exists()
+    manifest = tmp_path / "run.yaml"
+    manifest.write_text(
+        "apiVersion: optrun.io/v1alpha1\nkind: OptimizationRun\nmetadata: {name: kit}\nspec:\n  workload:\n"
+        f"    model: {{path: {tmp_path}/kit/model}}\n    dataset: {{path: {tmp_path}/kit/data/train.jsonl}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "optrun.cli", "validate", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"model {tmp_path}/kit/model" in done.stdout

@@ -191,7 +191,7 @@ def test_build_result_carries_the_verdict_and_every_section() -> None:
     assert result.details == {"kernels": {"rmsnorm": "triton"}} and result.exit_reason == "completed"
 
     doc = result.to_json()
-    # The field names DESIGN.md fixes for report.json.
+    # The field names docs/architecture.md fixes for report.json (the result contract).
     for key in (
         "decision",
         "score",

@@ -196,7 +196,7 @@ def test_bad_choices_and_bindings_are_refused_with_the_allowed_values() -> None:
     with pytest.raises(ValueError, match="choices: unknown operation 'layernorm'; allowed: rms_norm"):
         patch_model(tiny(), {"layernorm": "triton"})
     with pytest.raises(
-        ValueError, match=r"choices\['rope'\]: unknown choice 'cuda'; allowed: triton, compile, eager"
+        ValueError, match=r"choices\['rope'\]: unknown choice 'cuda'; allowed: triton, liger, compile, eager"
     ):
         patch_model(tiny(), {"rope": "cuda"})
     with pytest.raises(

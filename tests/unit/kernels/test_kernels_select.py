@@ -166,6 +166,6 @@ def test_forcing_triton_on_a_cpu_without_the_interpreter_is_a_clear_error(
 def test_unknown_mode_is_refused_with_the_allowed_values() -> None:
     model, run = tiny_and_run()
     with pytest.raises(
-        ValueError, match="mode: unknown kernel mode 'fast'; allowed: auto, triton, compile, eager"
+        ValueError, match="mode: unknown kernel mode 'fast'; allowed: auto, triton, liger, compile, eager"
     ):
         select_kernels(model, run, device=CPU, device_name="test-cpu", mode="fast")

@@ -7,7 +7,10 @@ from collections.abc import Callable
 
 import pytest
 
-from optrun.runtime import speedup  # noqa: F401  (registers the speedup.* acceptance tests)
+from optrun.runtime import (
+    kernels,
+    speedup,  # noqa: F401  (registers the speedup.* acceptance tests)
+)
 from optrun.runtime.acceptance import SUITE
 from optrun.runtime.context import RunContext
 from optrun.runtime.kernels import acceptance, optimize
@@ -38,7 +41,7 @@ def test_auto_on_cpu_records_choices_times_and_what_was_swapped(make_context: Ma
 
 def test_forced_triton_patches_the_model_and_passes_the_acceptance_checks(make_context: Make) -> None:
     ctx = make_context(optimizations={"kernels": {"enabled": True, "mode": "triton"}})
-    model = optimize(ctx, ctx.model_factory())
+    model = kernels.run(ctx, ctx.model_factory())  # the stage: parity measured around the patching
     assert isinstance(model.norm, TritonRMSNorm)
     assert ctx.results["kernels"]["swapped"]["counts"]["swiglu"] == {"triton": 2}
     detection = acceptance.detection(ctx)

@@ -115,6 +115,41 @@ def test_checkpoint_volume_is_the_named_claim_else_an_empty_dir(cfg: OperatorCon
     assert volumes["spec"]["configMap"]["name"] == "demo-spec"
 
 
+def test_the_users_claims_are_mounted_read_only_where_the_spec_says(cfg: OperatorConfig) -> None:
+    spec = copy.deepcopy(SPEC)
+    spec["workload"] = {
+        **spec["workload"],
+        "model": {"path": "/models/llama"},
+        "dataset": {"path": "/data/t.jsonl"},
+    }
+    spec["volumes"] = [
+        {"name": "models", "claimName": "llama-weights", "mountPath": "/models"},
+        {"name": "data", "claimName": "corpora", "mountPath": "/data", "subPath": "team-a"},
+    ]
+    pod = builders.pod(build(spec), 1, cfg)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["user-models"] == {
+        "name": "user-models",
+        "persistentVolumeClaim": {"claimName": "llama-weights", "readOnly": True},
+    }
+    mounts = {m["name"]: m for m in container(pod)["volumeMounts"]}
+    assert mounts["user-models"] == {"name": "user-models", "mountPath": "/models", "readOnly": True}
+    assert mounts["user-data"] == {
+        "name": "user-data",
+        "mountPath": "/data",
+        "readOnly": True,
+        "subPath": "team-a",
+    }
+    # The runtime's own mounts are still there, and none of the user's can sit on them.
+    assert {m["mountPath"] for m in container(pod)["volumeMounts"]} >= {
+        builders.SPEC_DIR,
+        builders.OUTPUT_DIR,
+    }
+    from optrun.api.v1alpha1 import RESERVED_MOUNT_PATHS
+
+    assert {builders.SPEC_DIR, builders.OUTPUT_DIR, builders.SCRATCH_DIR} <= set(RESERVED_MOUNT_PATHS)
+
+
 def test_children_are_owned_by_the_run_as_its_controller(cfg: OperatorConfig) -> None:
     for child in (builders.pod(build(), 1, cfg), builders.configmap(build(), cfg)):
         (ref,) = child["metadata"]["ownerReferences"]

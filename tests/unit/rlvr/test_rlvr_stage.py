@@ -52,9 +52,9 @@ def _ctx(tmp_path, **rlvr_cfg) -> RunContext:
 @pytest.mark.slow
 def test_grpo_raises_held_out_exact_match_above_the_pre_rl_policy(tmp_path):
     ctx = _ctx(tmp_path)  # the quickstart's RLVR settings
-    rlvr.run(ctx, None)
+    rlvr.run(ctx, ctx.model_factory())
     r = ctx.results["rlvr"]
-    assert r["policy_init"] == "fresh" and 0 < r["warmup_steps"] <= 1000
+    assert r["policy_init"] == "trained" and 0 < r["warmup_steps"] <= 1000
     assert r["initial_accuracy"] == 0.0  # a fresh byte-level model knows no arithmetic
     assert r["pre_format_rate"] >= 0.9  # the warm-up taught the format...
     assert 0.3 <= r["pre_accuracy"] < 0.9  # ...and left accuracy mediocre
@@ -64,7 +64,13 @@ def test_grpo_raises_held_out_exact_match_above_the_pre_rl_policy(tmp_path):
     first, last = r["curve"][:10], r["curve"][-10:]
     assert sum(c["pass_at_1"] for c in last) > sum(c["pass_at_1"] for c in first)
     checks = {t.name: t.fn(ctx) for t in SUITE.applicable(ctx.spec) if t.name.startswith("rlvr.")}
-    assert set(checks) == {"rlvr.reward-improvement", "rlvr.kl-bounded", "rlvr.format", "rlvr.completed"}
+    assert set(checks) == {
+        "rlvr.reward-improvement",
+        "rlvr.kl-bounded",
+        "rlvr.format",
+        "rlvr.completed",
+        "rlvr.language-modelling-kept",
+    }
     assert all(c.passed for c in checks.values()), {n: c.reason for n, c in checks.items()}
 
 
@@ -79,7 +85,7 @@ def test_a_zero_kl_coefficient_trains_without_a_reference(tmp_path):
         groupSize=4,
         promptsPerStep=2,
     )
-    rlvr.run(ctx, None)
+    rlvr.run(ctx, ctx.model_factory())
     r = ctx.results["rlvr"]
     assert r["warmup_steps"] == 10 and r["warmup_probe_accuracy"] == []
     assert [c["kl"] for c in r["curve"]] == [0.0, 0.0]
@@ -93,4 +99,4 @@ def test_an_unknown_reward_name_fails_before_training(tmp_path):
     with pytest.raises(
         ValueError, match="unknown reward 'brevity'; allowed: digit-match, exact-match, format"
     ):
-        rlvr.run(ctx, None)
+        rlvr.run(ctx, ctx.model_factory())

@@ -23,7 +23,7 @@ OPERATOR_NAMES = {
     "optrun_recoveries_total",
     "optrun_stage",
 }
-# Labels a series may carry: bounded sets only (STYLE.md), plus the histogram's bucket bound.
+# Labels a series may carry: bounded sets only (docs/architecture.md, metrics), plus the histogram's bucket bound.
 BOUNDED_LABELS = {"stage", "gate", "optimization", "dtype", "outcome", "target", "phase", "le"}
 
 

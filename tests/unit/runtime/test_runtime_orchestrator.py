@@ -13,6 +13,7 @@ import torch
 
 from optrun.runtime import orchestrator
 from optrun.runtime.context import RunContext
+from optrun.runtime.lm.loading import model_factory
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.orchestrator import LogObserver, RunOptions, Watchdog
 from optrun.runtime.training.faults import InjectedFault
@@ -77,7 +78,7 @@ def test_train_stage_reports_history_for_the_report(tmp_path: Path) -> None:
 
 
 def test_model_factory_gives_the_same_weights_and_leaves_the_global_rng_alone(tmp_path: Path) -> None:
-    build = orchestrator._model_factory(small_spec(), torch.device("cpu"))
+    build = model_factory(small_spec(), torch.device("cpu"))
     torch.manual_seed(99)
     before = torch.get_rng_state()
     a, b = build(), build()

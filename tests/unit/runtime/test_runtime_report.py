@@ -117,7 +117,7 @@ def test_report_json_reads_back_as_the_result_contract(tmp_path: Path) -> None:
     paths = report.write(tmp_path, result, context(tmp_path, TRAIN))
     doc = json.loads(Path(paths["json"]).read_text())
     assert Result.model_validate(doc) == result
-    # The contract's camelCase names (DESIGN.md) are what is on disk.
+    # The contract's camelCase names (docs/architecture.md) are what is on disk.
     assert {
         "decision",
         "score",

@@ -1,0 +1,187 @@
+"""Hugging Face causal LMs behind optrun's model interface, on real transformers code.
+
+- Loading: local files only, the family's patch sites found (norms, gated MLPs, rotary, loss).
+- The loss through `loss_fn` (hidden states against the head's weight) is transformers' own
+  causal-LM loss; logits are its logits.
+- Decoding with optrun's caches through transformers' Cache interface: greedy with the dense
+  cache equals decoding without a cache, token for token; `hf.generate(cache=OptrunCache(...))`
+  equals transformers' own generate; the int8 cache agrees nearly always.
+- Kernels: patched with optrun's Triton kernels (in Triton's interpreter), a model computes the
+  unpatched logits, loss and gradients; patching one model's rotary never changes another
+  model of the same family in the process.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optrun.api.v1alpha1 import ModelSource
+from optrun.runtime.kernels.parity import MODEL_TOLERANCE, compare
+from optrun.runtime.kernels.patcher import find_ops, patch_model
+from optrun.runtime.kvcache.cache import DenseKVCache, QuantizedKVCache
+from optrun.runtime.kvcache.generate import generate
+from optrun.runtime.lm import hf
+
+CPU = torch.device("cpu")
+TOL = MODEL_TOLERANCE[torch.float32]
+
+
+def load(path: Path) -> hf.HFCausalLM:
+    return hf.load(ModelSource(path=str(path)), precision="fp32", device=CPU).eval()
+
+
+def tokens(model: hf.HFCausalLM, text: str = "def add(a, b):\n    return a + b\n") -> torch.Tensor:
+    return torch.tensor([model.tokenizer.encode(text, bos=True)])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_saved_model_loads_with_its_dims_and_every_patch_site(
+    hf_dirs: dict[str, Path], family: str
+) -> None:
+    model = load(hf_dirs[family])
+    assert model.family == family
+    assert (model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.head_dim) == (2, 2, 16)
+    sites = {binding.op for _module, binding in find_ops(model).values()}
+    assert sites == {"rms_norm", "swiglu", "rope", "cross_entropy"}
+    # Five norms (two per layer, one final), one MLP per layer, one rotary site, one loss.
+    counts: dict[str, int] = {}
+    for _module, binding in find_ops(model).values():
+        counts[binding.op] = counts.get(binding.op, 0) + 1
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rope": 1, "cross_entropy": 1}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_loss_and_logits_are_transformers_own(hf_dirs: dict[str, Path], family: str) -> None:
+    model = load(hf_dirs[family])
+    x = tokens(model)
+    with torch.no_grad():
+        theirs = model.hf(input_ids=x, labels=x)  # transformers shifts the labels itself
+        ours = model.loss(x[:, :-1], x[:, 1:])
+        logits = model(x)
+    assert (m := compare(logits, theirs.logits, TOL, "logits")) is None, str(m)
+    assert (m := compare(ours, theirs.loss, TOL, "loss")) is None, str(m)
+    expected = F.cross_entropy(theirs.logits[0, :-1], x[0, 1:])
+    assert abs(float(ours) - float(expected)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_cached_greedy_decoding_equals_decoding_without_a_cache(
+    hf_dirs: dict[str, Path], family: str
+) -> None:
+    model = load(hf_dirs[family])
+    prompt = tokens(model).repeat(3, 1)
+    cached = generate(model, prompt, 12, cache_dtype="fp32", eos_id=None)
+    uncached = generate(model, prompt, 12, use_cache=False, eos_id=None)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    int8 = generate(model, prompt, 12, cache_dtype="int8", eos_id=None)
+    assert float((int8.completions == cached.completions).float().mean()) >= 0.9
+
+
+def test_transformers_generate_runs_on_optrun_caches(hf_dirs: dict[str, Path]) -> None:
+    model = load(hf_dirs["llama"])
+    prompt = tokens(model)
+    c = model.cfg
+    with torch.no_grad():
+        theirs = model.hf.generate(
+            prompt, max_new_tokens=10, do_sample=False, pad_token_id=model.tokenizer.pad_id
+        )
+        store = DenseKVCache(c.n_layers, 1, c.n_kv_heads, c.head_dim, 64, "fp32")
+        ours = model.hf.generate(
+            prompt,
+            cache=hf.OptrunCache(store),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_id,
+        )
+        q = QuantizedKVCache(c.n_layers, 1, c.n_kv_heads, c.head_dim, 64, "int8")
+        quantized = model.hf.generate(
+            prompt,
+            cache=hf.OptrunCache(q),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=model.tokenizer.pad_id,
+        )
+    assert torch.equal(ours, theirs)
+    assert quantized.shape == theirs.shape
+    # The int8 cache holds what the model wrote: its keys dequantize close to the dense ones.
+    k_dense, k_int8 = store.k[0, :, :, :12].float(), q._keys(0, 0, 1, torch.float32)[:, :, :12]
+    assert float((k_int8 - k_dense).norm() / k_dense.norm()) < 0.02
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
+    hf_dirs: dict[str, Path], family: str
+) -> None:
+    base = load(hf_dirs[family]).train()
+    fused = copy.deepcopy(base)
+    report = patch_model(fused, "triton")
+    assert report.counts() == {
+        "swiglu": {"triton": 2},
+        "rms_norm": {"triton": 5},
+        "cross_entropy": {"triton": 1},
+        "rope": {"triton": 1},
+    }
+    assert fused.state_dict().keys() == base.state_dict().keys()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 500, (2, 24), generator=gen)
+    y = torch.randint(0, 500, (2, 24), generator=gen)
+    for model in (base, fused):
+        model.zero_grad()
+        model.loss(x, y).backward()
+    assert (m := compare(fused(x), base(x), TOL, "logits")) is None, str(m)
+    grads = dict(base.named_parameters())
+    for name, p in fused.named_parameters():
+        assert (m := compare(p.grad, grads[name].grad, TOL, f"grad {name}")) is None, str(m)
+
+
+def test_patching_one_models_rotary_leaves_another_of_the_same_family_alone(hf_dirs: dict[str, Path]) -> None:
+    calls: list[str] = []
+    patched, other = load(hf_dirs["llama"]), load(hf_dirs["llama"])
+    original = patched.rope.fn
+
+    def spy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+        calls.append("patched")
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    patched.rope.fn = spy
+    x = tokens(patched)
+    with torch.no_grad():
+        other(x)
+        assert calls == []  # the other model's forward went through its own site
+        patched(x)
+    assert calls == ["patched"] * patched.cfg.n_layers
+
+
+def test_a_family_outside_the_table_runs_unpatched_with_no_look_alike_matching(tmp_path: Path) -> None:
+    import transformers
+
+    from optrun.runtime.lm.example import train_tokenizer
+
+    tok = train_tokenizer()
+    config = transformers.GemmaConfig(
+        vocab_size=576,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load(tmp_path)
+    # Gemma's norm scales by (1 + weight): an RMSNorm look-alike must not be swapped for optrun's.
+    assert {b.op for _m, b in find_ops(model).values()} == {"cross_entropy"}
+
+
+def test_a_factory_result_that_is_no_model_names_the_field() -> None:
+    with pytest.raises(
+        hf.SourceError, match=r"spec\.workload\.model: the factory returned dict; allowed: an optrun CausalLM"
+    ):
+        hf.wrap({"not": "a model"}, "spec.workload.model")
