@@ -82,6 +82,25 @@ def _report_sources(path: str, problems: list[str]) -> int:
     return EXIT_INVALID
 
 
+def policy_problems(spec: OptimizationRunSpec) -> list[str]:
+    """What validating the acceptance policy needs the runtime for: overrides named against the
+    registry of built-in tests, the baseline's file. ImportError without the runtime extra."""
+    from optrun import judge
+    from optrun.runtime.acceptance import SUITE
+    from optrun.runtime.orchestrator import load_suite
+    from optrun.runtime.report import baseline_problems
+
+    load_suite()
+    return judge.policy_problems(spec.acceptance, SUITE.names()) + baseline_problems(spec.acceptance)
+
+
+def _report_policy(path: str, problems: list[str]) -> int:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{path}: {len(problems)} error(s) in the acceptance policy; nothing was run", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.file)
     if loaded is None:
@@ -90,6 +109,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = _source_problems(spec)
     if problems:
         return _report_sources(args.file, problems)
+    try:
+        problems = policy_problems(spec)
+    except ImportError as exc:
+        log.warning("overrides of built-in tests not checked (the runtime extra is not installed: %s)", exc)
+    if problems:
+        return _report_policy(args.file, problems)
     enabled = [k for k, v in spec.optimizations.model_dump().items() if v.get("enabled")]
     print(
         f"{args.file}: valid OptimizationRun {name!r} (model {spec.workload.model_name}, "
@@ -134,6 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = _source_problems(spec)
     if problems:
         return _report_sources(args.file, problems)
+    problems = policy_problems(spec)
+    if problems:
+        return _report_policy(args.file, problems)
     if spec.world_size > 1 and "WORLD_SIZE" not in os.environ:
         return _run_distributed(args, name, spec)
 
@@ -223,7 +251,10 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
     )
     _install_sigterm(opts.stop, grace=float(os.environ.get("OPTRUN_TERM_GRACE", "20")))
+    problems = policy_problems(spec)
     try:
+        if problems:  # an override of no built-in test: retrying would not help either
+            raise InvalidSource(problems)
         result = execute(spec, opts)
     except Interrupted as exc:
         log.warning("%s", exc)

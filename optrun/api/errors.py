@@ -45,7 +45,7 @@ def _describe(err: Any, model: type[BaseModel], loc: list[str]) -> str:
         parent = _model_at(model, loc[:-1])
         names = ", ".join(_aliases(parent)) if parent else "see the schema"
         return f"unknown field; allowed: {names}"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return f"{shown} is not allowed; allowed: {_literal_values(ctx.get('expected', ''))}"
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         # A list item's bound sits on the item type, not on the field: then the error's own bound says it.

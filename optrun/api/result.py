@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# Where the runtime pod finds the result of spec.acceptance.baseline.run: the operator mounts
+# the earlier run's stored result (its compact form) and names the file in this variable.
+BASELINE_ENV = "OPTRUN_BASELINE_RESULT"
+
 
 class _Model(BaseModel):
     # Results are read back from pods that may run a newer runtime: tolerate added fields.
@@ -71,6 +75,53 @@ class TestResult(_Model):
     spread: float | None = None
     repeats: int | None = None
     unit: str = ""
+    # suite: a built-in test of the runtime; user: one of spec.acceptance.tests; baseline: the
+    # judge's comparison with an earlier run. `overridden`: spec.acceptance.tests changed its
+    # threshold or critical flag (the reason says from what).
+    origin: Literal["suite", "user", "baseline"] = "suite"
+    overridden: bool = False
+
+
+class Suggestion(_Model):
+    """A failed tuning test's way out, for a person to apply (optrun never does): the range
+    that would contain what was measured, and the manifest change that sets it."""
+
+    test: str
+    measured: float
+    expected: Expected
+    suggested: Expected
+    # Timed tests: the suggested end covers every repeat, read from the median and the spread.
+    repeats: int | None = None
+    spread: float | None = None
+    unit: str = ""
+    # A YAML snippet of the OptimizationRun spec (merge it into spec.acceptance).
+    manifest: str = ""
+    note: str = ""
+
+
+class Comparison(_Model):
+    """One figure of this run against the same figure of the baseline run."""
+
+    metric: str
+    baseline: float
+    measured: float
+    # (measured - baseline) / |baseline|: signed, relative.
+    change: float
+    # The largest relative worsening allowed (a worsening is a fall where higher is better).
+    tolerance: float
+    passed: bool
+    better: Literal["higher", "lower"] = "higher"
+
+
+class BaselineReport(_Model):
+    """The comparison with an earlier run (spec.acceptance.baseline)."""
+
+    source: str
+    comparisons: list[Comparison] = Field(default_factory=list)
+    # Figures of one run that the other lacks, or that cannot be compared, and why.
+    skipped: dict[str, str] = Field(default_factory=dict)
+    # Why the baseline could not be read (then there are no comparisons).
+    error: str = ""
 
 
 class AcceptanceSummary(_Model):
@@ -185,6 +236,12 @@ class Result(_Model):
     exit_reason: str = ""
     # Why the judge decided as it did, in one sentence (the operator's condition message).
     decision_reason: str = ""
+    # Every figure a later run can be compared with (see optrun.judge.baseline.figures), by
+    # metric path: training.*, speedups.<key>.median, tests.<name>. Kept in the compact form,
+    # so an OptimizationRun's termination message can serve as another run's baseline.
+    figures: dict[str, float] = Field(default_factory=dict)
+    baseline: BaselineReport | None = None
+    suggestions: list[Suggestion] = Field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -193,16 +250,25 @@ class Result(_Model):
         """The termination-message form: at most `limit` bytes of JSON.
 
         Drops, in order, what the operator can live without: details, passed tests, safety
-        events, recommendations beyond the first few, failed tests beyond the first few."""
+        events, suggestions and the baseline comparison (report.json has them), recommendations
+        beyond the first few, the figures (what a later run's baseline compares with; without
+        them it compares what is left), failed tests beyond the first few."""
         doc = self.to_json()
-        doc.pop("details", None)
+        for key in ("details", "suggestions", "baseline"):
+            doc.pop(key, None)
         doc["safety"].pop("events", None)
         doc["tests"] = [_short_test(t) for t in doc["tests"] if not t["passed"]]
-        for key, keep in (("recommendations", 3), ("tests", 8), ("tests", 3), ("recommendations", 1)):
+        for key, keep in (
+            ("recommendations", 3),
+            ("figures", 0),
+            ("tests", 8),
+            ("tests", 3),
+            ("recommendations", 1),
+        ):
             text = json.dumps(doc, separators=(",", ":"))
             if len(text.encode()) <= limit:
                 return text
-            doc[key] = doc[key][:keep]
+            doc[key] = doc[key][:keep] if isinstance(doc[key], list) else {}
         doc["tests"], doc["recommendations"] = [], []
         doc.pop("scorecard", None)
         text = json.dumps(doc, separators=(",", ":"))
@@ -214,6 +280,8 @@ class Result(_Model):
 
 def _short_test(t: dict[str, Any]) -> dict[str, Any]:
     keep = {k: t[k] for k in ("name", "category", "critical", "passed", "measured", "expected", "reason")}
+    if t.get("origin", "suite") != "suite":
+        keep["origin"] = t["origin"]
     if isinstance(keep["measured"], dict | list) and len(json.dumps(keep["measured"])) > 120:
         keep["measured"] = None
     keep["reason"] = keep["reason"][:160]

@@ -9,6 +9,7 @@ Unknown fields are errors: a typo must not silently vanish.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,7 +24,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from optrun.api.result import AcceptanceSummary, Decision, Scalar
+from optrun.api.result import AcceptanceSummary, Category, Decision, Scalar
 
 GROUP = "optrun.io"
 VERSION = "v1alpha1"
@@ -503,6 +504,125 @@ class Weights(Spec):
         return self
 
 
+Objective = Literal["speed", "memory", "both"]
+# Memory figures judged with objective memory or both: reference bytes over optimized bytes.
+MEMORY_KEYS = ("kvcache", "weights")
+# A test of the user's own has a name without a dot; every built-in test's name has one
+# (`area.test`), so the two can never clash and an entry's name says which it is.
+TEST_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.+_-]*[a-z0-9])?$"
+METRIC_PATH_PATTERN = r"^[A-Za-z0-9_+-]+(\.[A-Za-z0-9_+-]+)*$"
+
+
+class AcceptanceTestSpec(Spec):
+    """A test of the user's own (a name without a dot, with a metric), or an override of a
+    built-in test by its name (with a dot, no metric): its threshold and critical flag."""
+
+    name: Annotated[str, Field(pattern=TEST_NAME_PATTERN, max_length=128)] = Field(
+        description=(
+            "Your own test: a name without a dot (my-accuracy). A built-in test to override: its name "
+            "(e2e.target-accuracy; the names are listed in report.json's tests)."
+        ),
+    )
+    metric: Annotated[str, Field(pattern=METRIC_PATH_PATTERN, max_length=512)] | None = Field(
+        None,
+        description=(
+            "Your own test: the dotted path of the number in report.json it judges (training.finalAccuracy, "
+            "speedups.all.median, details.<path>). Not allowed on an override."
+        ),
+    )
+    min: float | None = Field(
+        None, description="Lowest value that passes (an override replaces this end only)."
+    )
+    max: float | None = Field(
+        None, description="Highest value that passes (an override replaces this end only)."
+    )
+    category: Category | None = Field(
+        None,
+        description=(
+            "Your own test's category (critical-infrastructure, safety, end-to-end, stability, tuning); "
+            "default tuning. A built-in test's category is fixed."
+        ),
+    )
+    critical: bool | None = Field(
+        None,
+        description="Whether a failure means NO_GO; default false for your own test, the built-in's flag for an override.",
+    )
+
+    @property
+    def is_override(self) -> bool:
+        return "." in self.name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AcceptanceTestSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must not exceed max")
+        if self.is_override:
+            if self.metric is not None:
+                raise ValueError(
+                    f"{self.name!r} names a built-in test (a name with a dot), whose metric is its own: drop "
+                    "metric to override its min, max or critical, or name your own test without a dot"
+                )
+            if self.category is not None:
+                raise ValueError(
+                    f"category of the built-in test {self.name!r} is fixed; allowed: min, max, critical"
+                )
+            if self.min is None and self.max is None and self.critical is None:
+                raise ValueError(f"the override of {self.name!r} changes nothing; set min, max or critical")
+            return self
+        if self.metric is None:
+            raise ValueError(
+                f"metric is required for your own test {self.name!r} (a name without a dot); "
+                "to override a built-in test, use its name (area.test)"
+            )
+        if self.min is None and self.max is None:
+            raise ValueError(
+                f"your own test {self.name!r} needs min or max (a test that cannot fail tests nothing)"
+            )
+        return self
+
+    @field_validator("metric")
+    @classmethod
+    def _known_path(cls, v: str | None) -> str | None:
+        from optrun.api.paths import MetricPathError, check_path
+
+        if v is not None:
+            try:
+                check_path(v)
+            except MetricPathError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+class BaselineSpec(Spec):
+    """An earlier run to compare this one with: each measured figure within a tolerance."""
+
+    report: str | None = Field(
+        None, max_length=4096, description="Path of an earlier run's report.json, readable by the runtime."
+    )
+    run: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)] | None = Field(
+        None,
+        description="An earlier OptimizationRun of the same namespace (in the cluster; the operator passes its result).",
+    )
+    tolerances: dict[
+        Annotated[str, Field(pattern=METRIC_PATH_PATTERN)], Annotated[float, Field(ge=0.0, le=10.0)]
+    ] = Field(
+        default_factory=dict,
+        description=(
+            "Largest relative worsening allowed per figure (0.05 = 5 %), by metric path or a prefix of one "
+            "(speedups, training.finalAccuracy, tests.kvcache.token-agreement); the longest match wins. "
+            "Unset: the defaults per kind of figure (docs/acceptance.md)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaselineSpec:
+        if (self.report is None) == (self.run is None):
+            raise ValueError(
+                "set exactly one of report (a report.json path) or run (an OptimizationRun name)"
+            )
+        return self
+
+
 class Acceptance(Spec):
     target_pass_rate: float = Field(0.95, ge=0.0, le=1.0, description="Pass rate for GO.")
     minimum_pass_rate: float = Field(0.85, ge=0.0, le=1.0, description="Pass rate for CONDITIONAL_GO.")
@@ -526,6 +646,31 @@ class Acceptance(Spec):
     repeats: int = Field(
         5, ge=1, le=100, description="Repeats of each timed measurement (the median is judged)."
     )
+    objective: Objective = Field(
+        "speed",
+        description=(
+            "What the optimizations are for. speed: every speedup floor is at least 1.0 (no slowdown beyond "
+            "the measured noise); memory: the speedup floors are relaxed to catch pathological slowdowns only, "
+            "and the memory reductions (KV-cache bytes, weight bytes) are tested; both: the speed floors and "
+            "the memory reductions. Default ranges: docs/acceptance.md."
+        ),
+    )
+    memory: dict[str, Range] = Field(
+        default_factory=dict,
+        description=(
+            "Accepted memory reductions (reference bytes / optimized bytes) per optimization: kvcache, weights; "
+            "judged with objective memory or both. Unset keys use the defaults."
+        ),
+    )
+    tests: list[AcceptanceTestSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Your own tests (name, metric, min/max, category, critical) and overrides of built-in tests by name.",
+    )
+    baseline: BaselineSpec | None = Field(
+        None,
+        description="An earlier run to compare with; a regression beyond tolerance fails baseline.no-regression.",
+    )
 
     @field_validator("speedups")
     @classmethod
@@ -535,6 +680,23 @@ class Acceptance(Spec):
             raise ValueError(
                 f"unknown speedup key(s) {', '.join(unknown)}; allowed: {', '.join(SPEEDUP_KEYS)}"
             )
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _known_memory_keys(cls, v: dict[str, Range]) -> dict[str, Range]:
+        unknown = sorted(set(v) - set(MEMORY_KEYS))
+        if unknown:
+            raise ValueError(f"unknown memory key(s) {', '.join(unknown)}; allowed: {', '.join(MEMORY_KEYS)}")
+        return v
+
+    @field_validator("tests")
+    @classmethod
+    def _unique_names(cls, v: list[AcceptanceTestSpec]) -> list[AcceptanceTestSpec]:
+        counts = Counter(t.name for t in v)
+        repeated = sorted(name for name, n in counts.items() if n > 1)
+        if repeated:
+            raise ValueError(f"test names must be unique; repeated: {', '.join(repeated)}")
         return v
 
     @model_validator(mode="after")

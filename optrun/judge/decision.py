@@ -51,7 +51,9 @@ from optrun.api.result import (
     TrainingSummary,
 )
 from optrun.api.v1alpha1 import Acceptance
-from optrun.judge.recommend import recommend
+from optrun.judge.baseline import Baseline, compare, figures, regression_test
+from optrun.judge.policy import apply_overrides, user_tests
+from optrun.judge.recommend import recommend, suggest
 from optrun.judge.score import scorecard, weighted_score
 
 _RANK: Final = {Decision.NO_GO: 0, Decision.CONDITIONAL_GO: 1, Decision.GO: 2}
@@ -159,24 +161,53 @@ def build_result(
     hardware: HardwareInfo | None = None,
     details: Mapping[str, Any] | None = None,
     exit_reason: str = "",
+    baseline: Baseline | None = None,
 ) -> Result:
-    """The whole result contract (report.json) from the tests, judged, and the other sections."""
-    verdict = judge(tests, policy, safety=safety)
-    return Result(
-        decision=verdict.decision,
-        decision_reason=verdict.reason,
-        score=verdict.score,
-        risk_level=verdict.risk_level,
-        acceptance=verdict.acceptance,
+    """The whole result contract (report.json) from the suite's tests, judged under the policy,
+    and the other sections.
+
+    Before the verdict, the policy adds to the suite (in this order): the user's own tests
+    (`policy.tests` with a metric), judged on the report the suite and sections make; with
+    `baseline`, the comparison with it (`Result.baseline`) and its test
+    `baseline.no-regression`; then the overrides of built-in tests by name. Without tests of
+    the user's, overrides or a baseline, `tests` are judged as given."""
+    draft = Result(
+        decision=Decision.NO_GO,
+        score=0.0,
+        risk_level="high",
+        acceptance=AcceptanceSummary(),
         tests=list(tests),
         safety=safety if safety is not None else SafetySummary(),
         speedups=dict(speedups or {}),
         training=training if training is not None else TrainingSummary(),
         hardware=hardware if hardware is not None else HardwareInfo(),
-        recommendations=list(verdict.recommendations),
-        scorecard=verdict.scorecard,
         details=dict(details or {}),
         exit_reason=exit_reason,
+    )
+    doc = draft.to_json()
+    judged = [*tests, *user_tests(policy.tests, doc)]
+    comparison = None
+    if baseline is not None:
+        comparison = compare(doc, baseline, policy.baseline.tolerances if policy.baseline else None)
+        judged.append(regression_test(comparison))
+    judged = apply_overrides(judged, policy.tests)
+    verdict = judge(judged, policy, safety=safety)
+    suggestions = [s for s in (suggest(t, policy.tests) for t in verdict.failed) if s is not None]
+    final = {**doc, "tests": [t.model_dump(mode="json", by_alias=True) for t in judged]}
+    return draft.model_copy(
+        update={
+            "decision": verdict.decision,
+            "decision_reason": verdict.reason,
+            "score": verdict.score,
+            "risk_level": verdict.risk_level,
+            "acceptance": verdict.acceptance,
+            "tests": judged,
+            "recommendations": list(verdict.recommendations),
+            "scorecard": verdict.scorecard,
+            "figures": {k: f.value for k, f in figures(final).items()},
+            "baseline": comparison,
+            "suggestions": suggestions,
+        }
     )
 
 

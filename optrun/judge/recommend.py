@@ -13,15 +13,24 @@ The rule, with ``bound`` the end of the range that was missed and
 - ``outside > WIDEN_LIMIT``, a bound of 0 (nothing to scale against) or a measurement that is
   not finite: investigate. A range is a claim about the system; moving it far to fit one run
   would hide a regression.
+
+Beside the sentences, each failed *tuning* test gets a `Suggestion` (`suggest`): the measured
+value, the range, a suggested range from the spread of its repeats, and the YAML that would
+set it in the manifest (an entry of spec.acceptance.tests). Tuning tests only: the range of a
+critical, safety, end-to-end or stability test is a claim to investigate, not to tune.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-from optrun.api.result import TestResult
+import yaml
+
+from optrun.api.result import Category, Suggestion, TestResult
+from optrun.api.v1alpha1 import AcceptanceTestSpec
 
 # Beyond this share of the missed bound a measurement is a finding, not a range to widen.
 WIDEN_LIMIT: Final = 0.25
@@ -90,3 +99,65 @@ def widen(value: float, side: Literal["min", "max"]) -> float:
 
 def _timed(test: TestResult) -> bool:
     return test.repeats is not None and test.repeats > 1 and test.spread is not None
+
+
+def suggest(test: TestResult, entries: Sequence[AcceptanceTestSpec] = ()) -> Suggestion | None:
+    """For a failed tuning test with a range and one finite measurement: the range that contains
+    what was measured and the manifest change that would set it (never applied by optrun).
+
+    The missed end moves to the measurement, rounded outward to two significant digits
+    (`widen`); for a timed test, to the edge of its repeats instead: every repeat lies within
+    median * (1 -/+ spread), so a range with that end would have passed each one of them.
+    `entries`: spec.acceptance.tests, so that a test of the user's own, or one overridden
+    already, is changed in its own entry."""
+    expected = test.expected
+    measured = test.measured
+    if test.passed or test.category != Category.TUNING or expected is None or expected.equals is not None:
+        return None
+    if isinstance(measured, bool) or not isinstance(measured, int | float) or not math.isfinite(measured):
+        return None
+    value = float(measured)
+    spread = test.spread if _timed(test) else None
+    reach = min(spread, 1.0) if spread is not None else 0.0
+    side: Literal["min", "max"]
+    if expected.min is not None and value < expected.min:
+        side, bound, edge = "min", expected.min, value * (1.0 - reach) if value > 0 else value * (1.0 + reach)
+    elif expected.max is not None and value > expected.max:
+        side, bound, edge = "max", expected.max, value * (1.0 + reach) if value > 0 else value * (1.0 - reach)
+    else:
+        return None
+    new_end = widen(edge, side)
+    suggested = expected.model_copy(update={side: new_end})
+    notes = []
+    outside = abs(value - bound) / abs(bound) if bound else math.inf
+    if outside > WIDEN_LIMIT:
+        where = "below" if side == "min" else "above"
+        how_far = f"{outside:.0%} {where} {side}" if math.isfinite(outside) else f"{where} a {side} of 0"
+        notes.append(f"the measurement is {how_far}: investigate before you move the range that far")
+    if spread is not None and spread >= 1.0:
+        notes.append(f"the repeats spread over {spread:.0%} of the median: re-measure with more repeats")
+    entry = _entry(test.name, entries, side, new_end)
+    return Suggestion(
+        test=test.name,
+        measured=value,
+        expected=expected,
+        suggested=suggested,
+        repeats=test.repeats if spread is not None else None,
+        spread=spread,
+        unit=test.unit,
+        manifest=yaml.safe_dump(
+            {"spec": {"acceptance": {"tests": [entry]}}}, default_flow_style=None, sort_keys=False
+        ),
+        note="; ".join(notes),
+    )
+
+
+def _entry(name: str, entries: Sequence[AcceptanceTestSpec], side: str, value: float) -> dict[str, Any]:
+    """The spec.acceptance.tests entry for `name` with `side` set to `value`: the user's own entry
+    (or an override already there) changed, or a new override."""
+    own = next((e for e in entries if e.name == name), None)
+    entry: dict[str, Any] = {"name": name}
+    if own is not None:
+        entry = own.model_dump(mode="json", by_alias=True, exclude_none=True)
+    entry[side] = value
+    return entry

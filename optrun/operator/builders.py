@@ -12,6 +12,12 @@ attempt of a run, resumed from a checkpoint, trains under the spec that made tha
 The pod shape (image, resources, scheduling) is built from the current spec at each attempt, so
 raising `resources.memory` after an OOMKilled attempt helps the next one.
 
+A run that succeeds gets one more child, `<run>-result` (`result_configmap`): its result as the
+pod's termination message gave it (the compact result contract), immutable, so that a later run
+of the same namespace can name it as its baseline (`spec.acceptance.baseline.run`): that run's
+pods mount it, optional (a baseline that has not succeeded is a failed test of the runtime's,
+not a pod that cannot start), and the runtime reads it at `BASELINE_ENV`.
+
 Nothing here talks to the API server; `optrun.operator.reconcile` decides what to create.
 """
 
@@ -25,6 +31,7 @@ import yaml
 
 from optrun.api import v1alpha1 as api
 from optrun.api.errors import ManifestError
+from optrun.api.result import BASELINE_ENV
 from optrun.operator.config import OperatorConfig
 
 # Labels: the app.kubernetes.io set for people and dashboards, optrun.io/* for the operator's
@@ -42,6 +49,8 @@ SPEC_FILE = "run.yaml"
 OUTPUT_DIR = "/var/lib/optrun"  # the checkpoint volume: checkpoints/ and the report
 SCRATCH_DIR = "/scratch"  # writable scratch under a read-only root filesystem
 TERMINATION_LOG = "/dev/termination-log"
+RESULT_FILE = "result.json"  # the key of <run>-result
+BASELINE_DIR = "/etc/optrun-baseline"  # where a pod finds its baseline run's <run>-result
 # The runtime image's non-root user (distroless "nonroot"); fsGroup makes the volumes writable to it.
 RUNTIME_UID = 65532
 # libyaml's emitter when PyYAML has it: the pure-Python one costs ~30 ms per spec, which is most of
@@ -73,6 +82,10 @@ class Run:
 
 def configmap_name(run_name: str) -> str:
     return f"{run_name}-spec"
+
+
+def result_configmap_name(run_name: str) -> str:
+    return f"{run_name}-result"
 
 
 def pod_name(run_name: str, attempt: int) -> str:
@@ -136,6 +149,33 @@ def configmap(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
         "immutable": True,
         "data": {SPEC_FILE: yaml.dump(spec_document(run), Dumper=_DUMPER, sort_keys=False)},
     }
+
+
+def result_configmap(run: Run, message: str) -> dict[str, Any]:
+    """`<run>-result`: the succeeded run's compact result (its termination message), immutable;
+    what a later run's spec.acceptance.baseline.run compares with."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": result_configmap_name(run.name),
+            "namespace": run.namespace,
+            "labels": labels(run),
+            "ownerReferences": [owner_reference(run)],
+        },
+        "immutable": True,
+        "data": {RESULT_FILE: message},
+    }
+
+
+def is_result_configmap(manifest: Mapping[str, Any]) -> bool:
+    meta = manifest.get("metadata") or {}
+    return manifest.get("kind") == "ConfigMap" and str(meta.get("name", "")).endswith("-result")
+
+
+def _baseline_run(run: Run) -> str | None:
+    baseline = run.spec.acceptance.baseline
+    return baseline.run if baseline is not None else None
 
 
 def _checkpoint_volume(run: Run) -> dict[str, Any]:
@@ -222,6 +262,8 @@ def _env(run: Run, attempt: int, cfg: OperatorConfig) -> list[dict[str, Any]]:
     ]
     if run.spec.resources.gpus == 0:
         env.append({"name": "OPTRUN_DEVICE", "value": "cpu"})  # no GPU asked for: do not probe one
+    if _baseline_run(run):
+        env.append({"name": BASELINE_ENV, "value": f"{BASELINE_DIR}/{RESULT_FILE}"})
     return env
 
 
@@ -303,6 +345,12 @@ def pod(
             *_user_volumes(run),
         ],
     }
+    baseline = _baseline_run(run)
+    if baseline:
+        pod_spec["volumes"].append(
+            {"name": "baseline", "configMap": {"name": result_configmap_name(baseline), "optional": True}}
+        )
+        container["volumeMounts"].append({"name": "baseline", "mountPath": BASELINE_DIR, "readOnly": True})
     tolerations = _tolerations(run, cfg)
     if tolerations:
         pod_spec["tolerations"] = tolerations

@@ -394,6 +394,8 @@ class Controller:
                 if err.transient:
                     raise
                 log.warning("%s/%s: cannot create %s: %s", namespace, name, manifest["kind"], err)
+                if builders.is_result_configmap(manifest):
+                    continue  # best effort: only a later run's baseline needs it, never this verdict
                 plan = reconcile.creation_failed(observed, err.message, code=err.code)
                 break
             self.burst.created()

@@ -66,7 +66,8 @@ RULES: list[Rule] = [
         "resources": ["configmaps"],
         "verbs": ["get", "create"],
         "why": (
-            "create: the run's spec file (<run>-spec, immutable, never updated); get: check that a 409 on "
+            "create: the run's spec file (<run>-spec) and, once it succeeded, its result (<run>-result, "
+            "a later run's baseline), both immutable, never updated; get: check that a 409 on "
             "create is this run's own ConfigMap. Deletion is the garbage collector's (owner references)."
         ),
     },

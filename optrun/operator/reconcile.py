@@ -429,6 +429,8 @@ class _Reconciler:
 
     def succeed(self, pod: PodView, result: Result) -> None:
         assert self.run is not None
+        # Kept for a later run's spec.acceptance.baseline.run (see optrun.operator.builders).
+        self.out.create.append(builders.result_configmap(self.run, pod.message))
         judged = status.judge_result(result, max_recoveries=self.run.spec.safety.max_recoveries)
         status.apply_result(self.new, result, judged)
         decision = judged.decision

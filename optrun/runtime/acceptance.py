@@ -102,6 +102,8 @@ class Registry:
         applies: Callable[[OptimizationRunSpec], bool] = always,
     ) -> Callable[[Callable[[RunContext], Check]], Callable[[RunContext], Check]]:
         def register(fn: Callable[[RunContext], Check]) -> Callable[[RunContext], Check]:
+            if "." not in name:  # a name without a dot is a test of the user's (spec.acceptance.tests)
+                raise ValueError(f"acceptance test {name!r}: a built-in test's name is area.test")
             if name in self._tests and self._tests[name].fn is not fn:
                 raise ValueError(f"acceptance test {name!r} is registered twice")
             self._tests[name] = AcceptanceTest(name, category, critical, applies, fn)

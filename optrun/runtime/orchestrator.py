@@ -506,6 +506,7 @@ def _result(
         ),
         hardware=ctx.hardware,
         details=details,
+        baseline=report.load_baseline(ctx.spec.acceptance),
         exit_reason=f"safety gate {failed_gate} failed: {train_info.get('gate_message', '')}"
         if failed_gate
         else "completed",

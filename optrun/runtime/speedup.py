@@ -15,18 +15,19 @@ drift in clock speed or load falls on all variants alike; within a round a cheap
 repeated and its median kept; each round gives one ratio per key, and the median, extremes and
 count of those ratios are reported and judged.
 
-Default ranges per device class (`DEFAULT_RANGES`; `spec.acceptance.speedups` replaces a key's
-range entirely). They are starting points to be calibrated with `benchmarks/kernels.py` figures:
-- cpu: auto kernel selection may keep eager everywhere (Triton is no candidate on a CPU), so the
-  kernels speedup is about 1.0x: the range asks for no slowdown beyond the noise of a shared
-  host (0.7: on a loaded 2-core machine two identical models were measured 0.83x apart) and
-  flags an implausible gain (above 2.0). Weight compression targets memory,
-  not CPU speed (dequantisation costs time): only a floor against a pathological slowdown
-  (0.2). A KV cache must beat recomputing the prefix (>= 1.0).
-- a100, h100, h200, l40s, a10, l4, gpu (any other CUDA device): the kernels are selected only
-  where they measured faster, so the floor is no slowdown beyond timer noise (0.95); Liger
-  reports 1.2-1.4x end-to-end training gains on Llama-sized models, and at most 3.0x is
-  plausible. Compression floors at 0.5, the KV cache at 1.0.
+The KV-cache keys (kvcache, all) decode against a fair baseline: the base model decoding with the
+full-precision cache of the run's dtype (`workload.precision`), not recomputing the prefix; the
+ratio against decoding without a cache is reported beside it (`speedup_matrix["ratiosVsNoCache"]`).
+
+The accepted ranges depend on the device group (cpu, gpu) and on `acceptance.objective`
+(`default_ranges`; `spec.acceptance.speedups` replaces a key's range entirely). The table, with
+the measurement behind each row, is in docs/acceptance.md; in short:
+- speed (and both): every floor is 1.0, no slowdown; a default floor is missed only beyond the
+  noise of the run's own repeats (their relative spread, capped at `NOISE` of the device group):
+  the median must reach floor * (1 - min(spread, NOISE)).
+- memory: the floors only catch a pathological slowdown (the memory is what the optimization
+  is for), and the memory reductions are tested instead (`memory.kvcache`, `memory.weights`:
+  reference bytes over optimized bytes, allocated tensors measured, at least `MEMORY_RANGES`).
 """
 
 from __future__ import annotations
@@ -70,23 +71,60 @@ PARTS: dict[str, tuple[str, ...]] = {
     "all": ("kernels", "compression", "kvcache"),
 }
 
-_GPU: dict[str, tuple[float | None, float | None]] = {
-    "kernels": (0.95, 3.0),
-    "compression": (0.5, None),
-    "kernels+compression": (0.5, None),
-    "kvcache": (1.0, None),
-    "all": (1.0, None),
-}
-DEFAULT_RANGES: dict[str, dict[str, tuple[float | None, float | None]]] = {
+Bounds = tuple[float | None, float | None]
+# The default speedup ranges per device group and objective ("both" judges the speed floors).
+# Grounds, measured and not yet measured, in docs/acceptance.md.
+SPEED_RANGES: dict[str, dict[str, dict[str, Bounds]]] = {
     "cpu": {
-        "kernels": (0.7, 2.0),
-        "compression": (0.2, None),
-        "kernels+compression": (0.2, None),
-        "kvcache": (1.0, None),
-        "all": (0.2, None),
+        "speed": {
+            "kernels": (1.0, 2.0),
+            "compression": (1.0, None),
+            "kernels+compression": (1.0, None),
+            "kvcache": (1.0, None),
+            "all": (1.0, None),
+        },
+        "memory": {
+            "kernels": (0.7, 2.0),
+            "compression": (0.2, None),
+            "kernels+compression": (0.2, None),
+            "kvcache": (0.3, None),
+            "all": (0.2, None),
+        },
     },
-    **{cls: dict(_GPU) for cls in ("a100", "h100", "h200", "l40s", "a10", "l4", "gpu")},
+    "gpu": {
+        "speed": {
+            "kernels": (1.0, 3.0),
+            "compression": (1.0, None),
+            "kernels+compression": (1.0, None),
+            "kvcache": (1.0, None),
+            "all": (1.0, None),
+        },
+        "memory": {
+            "kernels": (0.95, 3.0),
+            "compression": (0.4, None),
+            "kernels+compression": (0.4, None),
+            "kvcache": (0.5, None),
+            "all": (0.4, None),
+        },
+    },
 }
+# Largest relative spread of the repeats a default floor allows for (the run's own spread,
+# when smaller, is what it allows): cpu, two identical models timed against each other on
+# the shared 2-core host; gpu: not yet measured (docs/acceptance.md).
+NOISE: dict[str, float] = {"cpu": 0.17, "gpu": 0.05}
+# The least memory reduction (reference bytes / optimized bytes) with objective memory or both.
+MEMORY_RANGES: dict[str, Bounds] = {"kvcache": (1.5, None), "weights": (1.5, None)}
+# The keys that decode with a KV cache, against the full-precision cache.
+CACHED_KEYS = tuple(k for k, parts in PARTS.items() if "kvcache" in parts)
+
+
+def device_group(hardware: HardwareInfo) -> str:
+    return "cpu" if hardware.device == "cpu" else "gpu"
+
+
+def default_ranges(hardware: HardwareInfo, objective: str) -> dict[str, Bounds]:
+    """The device group's default speedup ranges for `objective` (speed, memory or both)."""
+    return dict(SPEED_RANGES[device_group(hardware)]["memory" if objective == "memory" else "speed"])
 
 
 def enabled_parts(spec: OptimizationRunSpec) -> set[str]:
@@ -109,11 +147,12 @@ def wanted_keys(spec: OptimizationRunSpec) -> list[str]:
 
 
 def ranges_for(spec: OptimizationRunSpec, hardware: HardwareInfo) -> dict[str, Range]:
-    """Accepted range per key: the spec's entry where it has one, else the device class default."""
-    defaults = DEFAULT_RANGES.get(
-        hardware.device_class, DEFAULT_RANGES["gpu" if hardware.device != "cpu" else "cpu"]
-    )
-    out = {k: Range(min=lo, max=hi) for k, (lo, hi) in defaults.items()}
+    """Accepted range per key: the spec's entry where it has one, else the default of the device
+    group and objective."""
+    out = {
+        k: Range(min=lo, max=hi)
+        for k, (lo, hi) in default_ranges(hardware, spec.acceptance.objective).items()
+    }
     out.update(spec.acceptance.speedups)
     return out
 
@@ -188,17 +227,28 @@ def speedup_matrix(
     prompt_tokens: int | None = None,
     new_tokens: int | None = None,
     budget_s: float | None = None,
+    reference_cache: CacheFactory | None = None,
 ) -> dict[str, Any]:
     """Time the baseline (a fresh ctx.model_factory() model) and each variant by key, interleaved,
     in this process on ctx.device. Writes ctx.results["speedups"] = {key: Timing dict of the
     ratio} and ctx.results["speedup_matrix"] (raw times, per-round ratios, settings), and
     returns the latter.
 
+    The KV-cache keys (`CACHED_KEYS`) are timed against the baseline decoding with
+    `reference_cache` (the full-precision cache; required for them), their ratio against
+    decoding without a cache goes to "ratiosVsNoCache".
+
     repeats: rounds (default spec.acceptance.repeats), cut down to fit `budget_s` seconds of
     timed rounds (default 20 s on a CPU, 120 s on a GPU) but never below 3."""
     unknown = sorted(set(variants) - set(SPEEDUP_KEYS))
     if unknown:
         raise ValueError(f"variants: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SPEEDUP_KEYS)}")
+    cached = [k for k in variants if k in CACHED_KEYS]
+    if cached and reference_cache is None:
+        raise ValueError(
+            f"reference_cache: required to time {', '.join(cached)} (their baseline decodes with the "
+            "full-precision cache)"
+        )
     w = ctx.spec.workload
     device, dtype = ctx.device, ctx.dtype
     repeats = repeats or ctx.spec.acceptance.repeats
@@ -224,6 +274,8 @@ def speedup_matrix(
                 fns[name, metric] = train_step(model, x, y, dtype)
             else:
                 fns[name, metric] = lambda m=model, c=cache_factory: greedy_decode(m, prompt, n, c, dtype)
+    if cached:
+        fns["baseline+cache", "inference"] = lambda: greedy_decode(base, prompt, n, reference_cache, dtype)
     # Candidates of the kernel selection that overran their compile bound may still be compiling
     # in the background; they would steal cores from whatever is timed first.
     from optrun.runtime.kernels.select import wait_for_background_compiles
@@ -250,10 +302,13 @@ def speedup_matrix(
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(measure(fn, device, warmup=0, repeats=inner[k]).median)
-    ratios = {
-        key: [b / v for b, v in zip(times["baseline", METRIC[key]], times[key, METRIC[key]], strict=True)]
-        for key in variants
-    }
+
+    def ratio(base_name: str, key: str) -> list[float]:
+        pairs = zip(times[base_name, METRIC[key]], times[key, METRIC[key]], strict=True)
+        return [b / v for b, v in pairs]
+
+    ratios = {key: ratio("baseline+cache" if key in CACHED_KEYS else "baseline", key) for key in variants}
+    no_cache = {key: ratio("baseline", key) for key in cached}
     decoded = x.shape[0] * n  # tokens one decode produces
     raw: dict[str, Any] = {}
     for (name, metric), samples in times.items():
@@ -275,6 +330,9 @@ def speedup_matrix(
         "decode": {"batch": x.shape[0], "promptTokens": p, "newTokens": n},
         "variants": raw,
         "ratios": ratios,
+        # The KV-cache keys against decoding without a cache, beside their fair ratio.
+        "ratiosVsNoCache": no_cache,
+        "noCache": {k: _timing(r).model_dump() for k, r in no_cache.items()},
     }
     ctx.results["speedups"] = {k: _timing(r).model_dump() for k, r in ratios.items()}
     ctx.results.setdefault("speedup_matrix", {}).update(matrix)
@@ -320,28 +378,36 @@ def default_variants(
     return variants, skipped
 
 
-def _kv_cache_factory(ctx: RunContext) -> tuple[CacheFactory | None, str | None]:
-    """The KV-cache stage's factory for this run's model and cache dtype, or why there is none."""
+def _kv_cache_factories(ctx: RunContext) -> tuple[CacheFactory | None, CacheFactory | None, str | None]:
+    """The KV-cache stage's factories for this run's model: the spec's cache dtype and the
+    full-precision cache of the run's dtype (the fair baseline), or why there are none."""
     if not ctx.spec.optimizations.kv_cache.enabled:
-        return None, None
+        return None, None, None
     try:
         kv = importlib.import_module("optrun.runtime.kvcache.cache")
         cfg = ctx.model.cfg if ctx.model is not None else ctx.model_factory().cfg
-        return kv.cache_factory(cfg, ctx.spec.optimizations.kv_cache.dtype, ctx.device), None
+        return (
+            kv.cache_factory(cfg, ctx.spec.optimizations.kv_cache.dtype, ctx.device),
+            kv.cache_factory(cfg, ctx.spec.workload.precision, ctx.device),
+            None,
+        )
     except (ImportError, AttributeError, ValueError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, None, f"{type(exc).__name__}: {exc}"
 
 
 def run(ctx: RunContext) -> None:
     """The orchestrator's entry point: measure every wanted key that can be measured."""
-    cache_factory, why = _kv_cache_factory(ctx)
+    cache_factory, reference, why = _kv_cache_factories(ctx)
     variants, skipped = default_variants(ctx, cache_factory)
     if why:
         skipped = {k: f"{v}: {why}" if "kvcache" in PARTS[k] else v for k, v in skipped.items()}
-    ctx.results["speedup_matrix"] = {"skipped": skipped}
+    ctx.results["speedup_matrix"] = {
+        "skipped": skipped,
+        "referenceCache": ctx.spec.workload.precision if reference is not None else None,
+    }
     ctx.results.setdefault("speedups", {})
     if variants:
-        speedup_matrix(ctx, variants)
+        speedup_matrix(ctx, variants, reference_cache=reference)
     for key, reason in skipped.items():
         log.warning("speedup %s %s", key, reason)
 
@@ -355,20 +421,107 @@ def _register(key: str) -> None:
 
     @SUITE.test(f"speedup.{key}", Category.TUNING, applies=applies)
     def check(ctx: RunContext) -> Check:
-        rng = ranges_for(ctx.spec, ctx.hardware)[key]
-        samples = ctx.results.get("speedup_matrix", {}).get("ratios", {}).get(key)
-        if not samples:
-            why = ctx.results.get("speedup_matrix", {}).get("skipped", {}).get(key, "not measured")
-            return Check(False, reason=f"{key} speedup {why}")
-        return in_range(
-            statistics.median(samples),
-            rng.min,
-            rng.max,
-            what=f"{key} speedup ({METRIC[key]})",
-            unit="x",
-            samples=samples,
-        )
+        return speedup_check(ctx, key)
+
+
+def speedup_check(ctx: RunContext, key: str) -> Check:
+    """The key's median speedup against its range (see the module docstring: a default floor
+    allows for the noise of the repeats, a range of the spec's is judged as written)."""
+    matrix = ctx.results.get("speedup_matrix", {})
+    samples = matrix.get("ratios", {}).get(key)
+    if not samples:
+        why = matrix.get("skipped", {}).get(key, "not measured")
+        return Check(False, reason=f"{key} speedup {why}")
+    objective = ctx.spec.acceptance.objective
+    rng = ranges_for(ctx.spec, ctx.hardware)[key]
+    against = f" against the {matrix.get('referenceCache')} cache" if key in CACHED_KEYS else ""
+    what = f"{key} speedup ({METRIC[key]}{against}; objective {objective})"
+    check = in_range(statistics.median(samples), rng.min, rng.max, what=what, unit="x", samples=samples)
+    if rng.min is not None and key not in ctx.spec.acceptance.speedups and not check.passed:
+        spread = check.spread or 0.0
+        allowance = min(spread, NOISE[device_group(ctx.hardware)])
+        floor = rng.min * (1.0 - allowance)
+        median = float(check.measured) if isinstance(check.measured, int | float) else 0.0
+        within = median >= floor and (rng.max is None or median <= rng.max)
+        check.passed = within
+        check.reason += f"; the noise allowance of {allowance:.1%} puts the floor at {floor:.3g}x"
+        if within:
+            check.reason += ": within the noise of the repeats"
+    if not check.passed and objective != "memory" and rng.min is not None and rng.min >= 1.0:
+        check.reason += "; if memory is what this optimization is for, say so: acceptance.objective: memory"
+    no_cache = matrix.get("noCache", {}).get(key)
+    if no_cache:
+        check.reason += f" (against no cache: {no_cache['median']:.3g}x)"
+    return check
 
 
 for _key in SPEEDUP_KEYS:
     _register(_key)
+
+
+# -- the objective: memory ---------------------------------------------------------------------
+
+
+def _objective_memory(spec: OptimizationRunSpec) -> bool:
+    return spec.acceptance.objective in ("memory", "both")
+
+
+def memory_range(spec: OptimizationRunSpec, key: str) -> Range:
+    lo, hi = MEMORY_RANGES[key]
+    return spec.acceptance.memory.get(key, Range(min=lo, max=hi))
+
+
+@SUITE.test(
+    "memory.kvcache",
+    Category.TUNING,
+    applies=lambda spec: _objective_memory(spec) and spec.optimizations.kv_cache.enabled,
+)
+def memory_kvcache(ctx: RunContext) -> Check:
+    """The spec's KV cache allocates less than the full-precision cache of the run's dtype: the
+    bytes of the tensors each allocates for one sequence of the model's whole context."""
+    factory, reference, why = _kv_cache_factories(ctx)
+    if factory is None or reference is None:
+        return Check(False, reason=f"no KV cache to measure: {why}")
+    model = ctx.model if ctx.model is not None else ctx.model_factory()
+    length = int(getattr(model.cfg, "max_seq_len", ctx.spec.workload.sequence_length))
+    optimized, full = factory(1, length).nbytes(), reference(1, length).nbytes()
+    rng = memory_range(ctx.spec, "kvcache")
+    dtype, precision = ctx.spec.optimizations.kv_cache.dtype, ctx.spec.workload.precision
+    check = in_range(
+        full / optimized if optimized else 0.0,
+        rng.min,
+        rng.max,
+        what=f"KV-cache memory reduction, {precision} cache over {dtype} cache ({full} / {optimized} bytes allocated)",
+        unit="x",
+    )
+    return check
+
+
+@SUITE.test(
+    "memory.weights",
+    Category.TUNING,
+    applies=lambda spec: (
+        _objective_memory(spec)
+        and spec.optimizations.compression.enabled
+        and spec.optimizations.compression.target in ("weights", "both")
+    ),
+)
+def memory_weights(ctx: RunContext) -> Check:
+    """The weight-compressed model holds fewer bytes (parameters and buffers) than the float one."""
+    compression = ctx.results.get("compression")
+    memory = (
+        ((compression or {}).get("weights") or {}).get("memory") if isinstance(compression, dict) else None
+    )
+    if not memory or not memory.get("quantizedBytes"):
+        error = compression.get("error") if isinstance(compression, dict) else None
+        return Check(
+            False, reason="the compression stage measured no weight memory" + (f": {error}" if error else "")
+        )
+    rng = memory_range(ctx.spec, "weights")
+    return in_range(
+        memory["floatBytes"] / memory["quantizedBytes"],
+        rng.min,
+        rng.max,
+        what=f"weight memory reduction ({memory['floatBytes']} / {memory['quantizedBytes']} bytes)",
+        unit="x",
+    )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from optrun.api.result import Category, Decision, Expected, SafetySummary, TestResult
+from optrun.api.result import Category, Decision, Expected, SafetySummary, TestResult, TrainingSummary
 from optrun.api.v1alpha1 import Acceptance, Weights
-from optrun.judge import build_result, decision_rank, judge, recommend
+from optrun.judge import BASELINE_TEST, Baseline, build_result, decision_rank, judge, recommend, suggest
 from optrun.judge.recommend import WIDEN_LIMIT, widen
 from optrun.judge.score import PARTS
 
@@ -213,3 +214,121 @@ def test_a_near_miss_is_widened_to_a_range_that_would_have_passed(
     assert text is not None
     new = float(text.rsplit(" to ", 1)[1])
     assert new >= value if side == "max" else new <= value
+
+
+# -- the user's tests, overrides, baselines, suggestions ---------------------------------------
+
+user_entries = st.lists(
+    st.builds(
+        lambda i, lo, width, crit, side: {
+            "name": f"mine-{i}",
+            "metric": "training.finalAccuracy",
+            **({"min": lo} if side != "max" else {}),
+            **({"max": lo + width} if side != "min" else {}),
+            "critical": crit,
+        },
+        st.integers(0, 5),
+        st.floats(-1.0, 2.0),
+        st.floats(0.0, 1.0),
+        st.booleans(),
+        st.sampled_from(["min", "max", "both"]),
+    ),
+    max_size=4,
+    unique_by=lambda e: e["name"],
+)
+
+
+@given(suites(), policies(), user_entries, st.floats(0.0, 1.0))
+def test_a_failed_critical_user_test_is_never_go(
+    tests: list[TestResult], policy: Acceptance, entries: list[dict[str, object]], accuracy: float
+) -> None:
+    policy = policy.model_copy(update={"tests": Acceptance.model_validate({"tests": entries}).tests})
+    result = build_result(tests, policy, training=TrainingSummary(steps=1, final_accuracy=accuracy))
+    mine = [t for t in result.tests if t.origin == "user"]
+    assert len(mine) == len(entries)
+    for t in mine:
+        lo, hi = t.expected.min if t.expected else None, t.expected.max if t.expected else None
+        assert t.passed == ((lo is None or accuracy >= lo) and (hi is None or accuracy <= hi))
+    if any(t.critical and not t.passed for t in mine):
+        assert result.decision == Decision.NO_GO
+        if result.acceptance.critical_failed <= 5:  # beyond five, the reason says "and N more"
+            assert next(t.name for t in mine if t.critical and not t.passed) in result.decision_reason
+
+
+@given(suites(min_size=1), policies(), st.data())
+def test_overriding_a_failed_test_critical_is_never_go(
+    tests: list[TestResult], policy: Acceptance, data: st.DataObject
+) -> None:
+    named = [t.model_copy(update={"name": f"area.t{i}"}) for i, t in enumerate(tests)]
+    failed = [t.name for t in named if not t.passed]
+    assume(failed)
+    name = data.draw(st.sampled_from(failed))
+    policy = policy.model_copy(
+        update={"tests": Acceptance.model_validate({"tests": [{"name": name, "critical": True}]}).tests}
+    )
+    result = build_result(named, policy)
+    assert result.decision == Decision.NO_GO
+    assert [t.overridden for t in result.tests] == [t.name == name for t in named]
+
+
+@given(suites(), policies())
+def test_a_run_compared_with_itself_never_regresses(tests: list[TestResult], policy: Acceptance) -> None:
+    # Test names with a dot, as the suite's are; measurements as generated (nan, text, bools...).
+    named = [t.model_copy(update={"name": f"area.t{i}"}) for i, t in enumerate(tests)]
+    first = build_result(
+        named, policy, training=TrainingSummary(steps=10, final_accuracy=0.5, final_loss=2.0)
+    )
+    doc = json.loads(json.dumps(first.to_json()))
+    again = build_result(
+        named,
+        policy,
+        training=TrainingSummary(steps=10, final_accuracy=0.5, final_loss=2.0),
+        baseline=Baseline(source="self", result=doc),
+    )
+    assert again.baseline is not None and again.baseline.comparisons
+    assert all(c.passed and c.change == 0.0 for c in again.baseline.comparisons)
+    assert next(t for t in again.tests if t.name == BASELINE_TEST).passed
+    # ... and the compact form (what the operator keeps of a run) gives the same comparisons.
+    compact = build_result(
+        named,
+        policy,
+        training=TrainingSummary(steps=10, final_accuracy=0.5, final_loss=2.0),
+        baseline=Baseline(source="self", result=json.loads(first.compact())),
+    )
+    assert compact.baseline is not None
+    assert {c.metric for c in compact.baseline.comparisons} <= {c.metric for c in again.baseline.comparisons}
+    assert all(c.passed for c in compact.baseline.comparisons)
+
+
+@given(
+    st.floats(1e-3, 1e3),
+    st.floats(0.0, 3.0),
+    st.floats(0.01, 1e3),
+    st.sampled_from(["min", "max"]),
+    st.one_of(st.none(), st.floats(0.0, 2.0)),
+)
+def test_a_suggested_range_contains_the_measurement_and_every_repeat(
+    value: float, factor: float, bound: float, side: str, spread: float | None
+) -> None:
+    expected = Expected(min=bound) if side == "min" else Expected(max=bound)
+    test = TestResult(
+        name="area.t",
+        category=Category.TUNING,
+        passed=False,
+        measured=value,
+        expected=expected,
+        spread=spread,
+        repeats=None if spread is None else 5,
+    )
+    s = suggest(test)
+    missed = value < bound if side == "min" else value > bound
+    if not missed:
+        assert s is None
+        return
+    assert s is not None
+    reach = min(spread, 1.0) if spread is not None else 0.0
+    lo, hi = (value * (1 - reach), value) if side == "min" else (value, value * (1 + reach))
+    new = s.suggested
+    assert (new.min is None or new.min <= lo) and (new.max is None or new.max >= hi)
+    assert str(new.min if side == "min" else new.max) in s.manifest and "name: area.t" in s.manifest
+    assert suggest(test.model_copy(update={"category": Category.END_TO_END})) is None

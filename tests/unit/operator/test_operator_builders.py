@@ -210,3 +210,40 @@ def test_configmap_holds_the_whole_run_with_defaults_and_the_runtime_reads_it_ba
 def test_attempt_numbers_start_at_one(cfg: OperatorConfig) -> None:
     with pytest.raises(ValueError, match="attempt: 0"):
         builders.pod(build(), 0, cfg)
+
+
+def test_a_succeeded_run_s_result_is_kept_in_an_immutable_configmap_it_owns(cfg: OperatorConfig) -> None:
+    run = build()
+    cm = builders.result_configmap(run, '{"decision":"GO"}')
+    assert cm["metadata"]["name"] == builders.result_configmap_name("demo") == "demo-result"
+    assert cm["immutable"] is True and cm["data"] == {builders.RESULT_FILE: '{"decision":"GO"}'}
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert cm["metadata"]["labels"][builders.LABEL_RUN_UID] == UID
+    assert builders.is_result_configmap(cm) and not builders.is_result_configmap(
+        builders.configmap(run, None)
+    )  # type: ignore[arg-type]
+
+
+def test_a_baseline_run_is_mounted_optional_and_named_to_the_runtime(cfg: OperatorConfig) -> None:
+    from optrun.api.result import BASELINE_ENV
+
+    plain = builders.pod(build(), 1, cfg)
+    assert "baseline" not in {v["name"] for v in plain["spec"]["volumes"]}
+    assert BASELINE_ENV not in {e["name"] for e in container(plain)["env"]}
+    spec = copy.deepcopy(SPEC)
+    spec["acceptance"] = {"baseline": {"run": "earlier"}}
+    pod = builders.pod(build(spec), 1, cfg)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # Optional: a baseline that has not succeeded (no earlier-result yet) must not keep the pod
+    # from starting; the runtime fails baseline.no-regression instead.
+    assert volumes["baseline"] == {
+        "name": "baseline",
+        "configMap": {"name": "earlier-result", "optional": True},
+    }
+    mounts = {m["name"]: m for m in container(pod)["volumeMounts"]}
+    assert mounts["baseline"] == {"name": "baseline", "mountPath": builders.BASELINE_DIR, "readOnly": True}
+    env = {e["name"]: e.get("value") for e in container(pod)["env"]}
+    assert env[BASELINE_ENV] == f"{builders.BASELINE_DIR}/{builders.RESULT_FILE}"
+    # A baseline report.json is the runtime's own file: nothing to mount.
+    spec["acceptance"] = {"baseline": {"report": "/var/lib/optrun/earlier.json"}}
+    assert "baseline" not in {v["name"] for v in builders.pod(build(spec), 1, cfg)["spec"]["volumes"]}

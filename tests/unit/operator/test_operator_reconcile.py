@@ -163,7 +163,11 @@ def test_a_go_result_succeeds_the_run_with_every_condition_true(cfg: OperatorCon
     assert status["passRate"] == 1.0 and status["acceptance"]["collected"] == 23
     assert status["completionTime"] == stamp(0)
     assert "DecisionGo" in reasons(plan)
-    assert plan.create == [] and plan.delete_pods == []
+    # The one child a success makes: its result, kept for a later run's baseline.
+    assert kinds(plan) == [("ConfigMap", "demo-result")] and plan.delete_pods == []
+    assert plan.create[0]["data"] == {
+        "result.json": done["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    }
 
 
 def test_a_no_go_result_lists_each_failing_test_measured_against_expected(
