@@ -35,7 +35,9 @@ LOSS_RTOL = 1e-3
 EXIT_FOR = {"GO": 0, "CONDITIONAL_GO": 3, "NO_GO": 4}
 
 
-def manifest(tmp: Path, name: str, *, ranks: int, strategy: str = "ddp", **spec: Any) -> Path:
+def manifest(
+    tmp: Path, name: str, *, ranks: int, strategy: str = "ddp", timeout: int = 300, **spec: Any
+) -> Path:
     doc: dict[str, Any] = {
         "apiVersion": "optrun.io/v1alpha1",
         "kind": "OptimizationRun",
@@ -57,7 +59,7 @@ def manifest(tmp: Path, name: str, *, ranks: int, strategy: str = "ddp", **spec:
                 "checkpoint": {"everySteps": 4, "keep": 3},
             },
             "acceptance": {"repeats": 1},
-            "distributed": {"processesPerNode": ranks, "strategy": strategy},
+            "distributed": {"processesPerNode": ranks, "strategy": strategy, "timeoutSeconds": timeout},
             "resources": {"gpus": 0},
             **spec,
         },
@@ -88,7 +90,7 @@ def run(path: Path, out: Path, *, expect_crash: bool = False) -> dict[str, Any]:
 def curves(report: dict[str, Any], out: Path) -> tuple[list[float], list[float]]:
     evals = [e["loss"] for e in report["details"]["train"]["evals"]]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [s["loss"] for s in steps if s.get("event") == "train_step"]
+    losses = [s["loss"] for s in steps if s.get("event") == "step"]
     return evals, losses
 
 
@@ -116,6 +118,7 @@ def test_two_ranks_end_where_one_process_ends(
     }
     evals, losses = curves(report, tmp_path / "out")
     ref_evals, ref_losses = curves(*one_process)
+    assert len(losses) == 16 and len(evals) >= 8  # every step logged, every evaluation kept
     assert close(evals, ref_evals), (evals, ref_evals)
     assert close(losses, ref_losses), (losses, ref_losses)
     ranks = report["details"]["train"]["ranks"]
@@ -178,3 +181,17 @@ def test_at_the_same_world_size_a_resumed_run_ends_bitwise_where_an_uninterrupte
         weights.append(model.state_dict())
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_path: Path) -> None:
+    import time
+
+    stall = [{"type": "stall", "atStep": 3, "durationSeconds": 600, "rank": 1}]
+    path = manifest(tmp_path, "hang", ranks=2, timeout=10, faults=stall, backoffLimit=0)
+    started = time.monotonic()
+    run(path, tmp_path / "out", expect_crash=True)
+    # torchrun's start-up, rank 0's 10 s wait in the gradient all-reduce, the group torn down:
+    # far below the 600 s the stalled rank would have held the others.
+    assert time.monotonic() - started < 120
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "out" / "ranks").rglob("stderr.log")}
+    assert "attempt 1 of training failed" in logs["0"] and "Timed out" in logs["0"], logs["0"][-3000:]
