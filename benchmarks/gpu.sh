@@ -34,4 +34,9 @@ step hf-model 120 "$py" benchmarks/hf_model.py --csv "$out/hf_model.csv"
 step kvcache 45 "$py" benchmarks/kvcache.py --no-csv
 step compression 45 "$py" benchmarks/compression.py --sections codecs,matmul,weights
 step gpu-run 90 "$py" -m optrun.cli run examples/gpu-small.yaml --output "$out/gpu-small" --quiet
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -gt 1 ]; then # scaling efficiency, 1 GPU against all of them (NCCL, DDP)
+  step distributed 120 "$py" benchmarks/distributed.py --device cuda --model small-lm --ranks 1 "$gpus" \
+    --per-rank-batch 16 --csv "$out/distributed.csv"
+fi
 cat "$out/summary.txt"

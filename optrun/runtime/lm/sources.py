@@ -32,14 +32,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def check(spec: OptimizationRunSpec) -> list[str]:
-    """Every problem with the run's model and data sources (built-in names have none)."""
+    """Every problem with the run's model and data sources (built-in names have none). A path
+    on one of spec.volumes that this machine does not have is the cluster's to check (the
+    runtime pod mounts the claim and checks it before training): it is skipped here."""
     problems: list[str] = []
     w = spec.workload
-    if isinstance(w.model, ModelSource):
+    if isinstance(w.model, ModelSource) and not on_absent_volume(spec, w.model.path):
         problems += check_model(w.model, w.sequence_length)
-    if isinstance(w.dataset, DatasetSource):
+    if isinstance(w.dataset, DatasetSource) and not on_absent_volume(spec, w.dataset.path):
         problems += check_dataset(w.dataset, w.sequence_length)
     return problems
+
+
+def on_absent_volume(spec: OptimizationRunSpec, path: str) -> bool:
+    """Whether `path` lies under a spec.volumes mountPath that does not exist on this machine."""
+    p = Path(path)
+    for v in spec.volumes:
+        mount = Path(v.mount_path)
+        if (p == mount or mount in p.parents) and not mount.exists():
+            return True
+    return False
 
 
 # -- the model -------------------------------------------------------------------------------------

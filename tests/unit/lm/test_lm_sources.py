@@ -286,3 +286,27 @@ def test_a_model_too_big_for_the_device_says_how_many_bytes_it_needs_and_has(
     need = int(line.split(" need ")[1].split(" bytes")[0])
     assert need > 70e9 * 4  # fp32 weights of ~71B parameters
     assert " bytes free; training needs about 4x that plus activations" in line
+
+
+def test_paths_on_a_claim_this_machine_lacks_are_left_to_the_pod(tmp_path: Path) -> None:
+    on_claim = OptimizationRunSpec.model_validate(
+        {
+            "workload": {
+                "model": {"path": "/claims-not-here/llama"},
+                "dataset": {"path": "/claims-not-here/d.jsonl"},
+            },
+            "volumes": [{"name": "models", "claimName": "weights", "mountPath": "/claims-not-here"}],
+        }
+    )
+    assert sources.check(on_claim) == []
+    # Off the claims, a missing path is the user's mistake, named as ever.
+    off_claim = on_claim.model_copy(
+        update={
+            "workload": on_claim.workload.model_copy(
+                update={"model": ModelSource(path=str(tmp_path / "nope"))}
+            )
+        }
+    )
+    assert [p for p in sources.check(off_claim) if "does not exist" in p] == [
+        f"spec.workload.model.path: {tmp_path / 'nope'} does not exist; allowed: a Hugging Face model directory"
+    ]
