@@ -239,10 +239,10 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
         )
         with stages.on_lineage("train", ctx):
             train(ctx, ctx.model, opts, obs)
-        if d is not None:
-            _leave_group(ctx)  # collective: every rank takes part
-            if not d.is_main:
-                return None  # this rank's part is done: rank 0 carries the trained model on alone
+            if d is not None:
+                _leave_group(ctx)  # collective: every rank takes part; rank 0 hands the whole model on
+        if d is not None and not d.is_main:
+            return None  # this rank's part is done: rank 0 carries the trained model on alone
         _stage(stages, ctx, "rlvr", spec.rlvr.enabled, "spec.rlvr.enabled is false", _rlvr)
         ctx.trained = ctx.model  # the float model, before compression, for the training-side tests
         _stage(
@@ -451,6 +451,8 @@ def _leave_group(ctx: RunContext) -> None:
                 fresh = ctx.transforms["kernels"](fresh)
             fresh.load_state_dict(state)
             ctx.model = fresh
+    if not ctx.dist.is_main:
+        ctx.model = None  # its shards mean nothing without the group
     distributed.leave(ctx.dist)
 
 

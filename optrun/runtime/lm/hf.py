@@ -235,25 +235,31 @@ class HFCausalLM(CausalLM):
         finally:
             _ROPE_SITE.reset(token)
 
-    def forward(self, tokens: Tensor, cache: Any = None, start: int = 0) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: Any = None, start: int = 0, targets: Tensor | None = None
+    ) -> Tensor:
         with self._sites():
+            if targets is not None:
+                return self._loss(tokens, targets)
             if cache is None:
                 return self.hf(input_ids=tokens, use_cache=False).logits
             view = _wrapped(cache)
             view.seek(start)
             return self.hf(input_ids=tokens, cache=view, use_cache=True).logits
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    def _loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         head = self.hf.get_output_embeddings()
         if getattr(head, "bias", None) is not None or getattr(
             self.hf.config, "final_logit_softcapping", None
         ):
             # A head the fused loss does not compute (a bias, soft-capped logits): the model's own logits.
-            logits = self(tokens)
+            logits = self.hf(input_ids=tokens, use_cache=False).logits
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        with self._sites():
-            hidden = self._base()(input_ids=tokens, use_cache=False).last_hidden_state
+        hidden = self._base()(input_ids=tokens, use_cache=False).last_hidden_state
         return self.loss_fn(hidden, head.weight, targets)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self._base().layers)
 
     def patch_mapping(self) -> Mapping[type[nn.Module], Any]:
         from optrun.runtime.kernels.patcher import Binding

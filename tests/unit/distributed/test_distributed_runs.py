@@ -195,3 +195,39 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_pa
     assert time.monotonic() - started < 120
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "out" / "ranks").rglob("stderr.log")}
     assert "attempt 1 of training failed" in logs["0"] and "Timed out" in logs["0"], logs["0"][-3000:]
+
+
+def test_a_hf_model_under_fsdp_hands_the_whole_trained_model_on(tmp_path: Path) -> None:
+    from optrun.runtime.lm.example import make_model, write_dataset
+
+    model = make_model(tmp_path / "llama", "llama")
+    data = write_dataset(tmp_path / "train.jsonl")
+    path = manifest(
+        tmp_path,
+        "hf",
+        ranks=2,
+        strategy="fsdp",
+        workload={
+            "model": {"path": str(model)},
+            "dataset": {"path": str(data)},
+            "sequenceLength": 32,
+            "batchSize": 8,
+        },
+        optimizations={
+            "kernels": {"enabled": True},
+            "compression": {"enabled": True},
+            "kvCache": {"enabled": False},
+        },
+    )
+    report = run(path, tmp_path / "out")
+    assert report["distributed"]["strategy"] == "fsdp"
+    tests = {t["name"]: t for t in report["tests"]}
+    # Rank 0 gathered the shards into one model: the lineage is unbroken and that model, quantized,
+    # is the artifact that from_pretrained loads.
+    for name in (
+        "infra.lineage-unbroken",
+        "infra.artifact-reloads",
+        "infra.checkpoint-restores",
+        "kernels.parity",
+    ):
+        assert tests[name]["passed"], tests[name]["reason"]
