@@ -249,6 +249,10 @@ def start_operator(
             # Pods share the host's network under the node agent: each runtime listens on its own IP.
             "runtime_metrics_address": "$(POD_IP)",
             "termination_grace_seconds": 15,
+            # A test that asks for the webhook says so (webhook="managed"): it needs RBAC on
+            # ValidatingWebhookConfigurations, which the operator's namespace Role cannot give.
+            "webhook": "off",
+            "retry_backoff_seconds": 1,
             **settings,
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPTRUN_OPERATOR_")}
