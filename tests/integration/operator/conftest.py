@@ -207,12 +207,38 @@ def grant_operator_rbac(kube: Any, namespace: str, *, clusterwide: bool = False)
             rbac_api.create_cluster_role_binding(doc)
 
 
+def grant_managed_webhook_rbac(kube: Any, namespace: str) -> str:
+    """What `--webhook managed` needs beyond RULES (rbac.MANAGED_WEBHOOK_RULES), as a ClusterRole
+    bound to the operator's account; returns its name."""
+    rbac_api = k8s.RbacAuthorizationV1Api(kube)
+    name = f"optrun-webhook-{namespace}"[:63]
+    rules = [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rbac.MANAGED_WEBHOOK_RULES]
+    rbac_api.create_cluster_role({"metadata": {"name": name}, "rules": rules})
+    rbac_api.create_cluster_role_binding(
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}],
+        }
+    )
+    return name
+
+
 def revoke_cluster_rbac(kube: Any, namespace: str) -> None:
     rbac_api = k8s.RbacAuthorizationV1Api(kube)
     with contextlib.suppress(ApiException):
         rbac_api.delete_cluster_role_binding(f"optrun-operator-{namespace}")
     with contextlib.suppress(ApiException):
         rbac_api.delete_cluster_role(f"optrun-operator-{namespace}")
+    for name in (f"optrun-webhook-{namespace}"[:63],):
+        with contextlib.suppress(ApiException):
+            rbac_api.delete_cluster_role_binding(name)
+        with contextlib.suppress(ApiException):
+            rbac_api.delete_cluster_role(name)
+    with contextlib.suppress(ApiException):
+        k8s.AdmissionregistrationV1Api(kube).delete_validating_webhook_configuration(
+            f"{namespace}.optrun.io"[:253]
+        )
 
 
 @pytest.fixture
@@ -232,8 +258,13 @@ def start_operator(
     ) -> OperatorProcess:
         if grant:
             grant_operator_rbac(kube, namespace, clusterwide=clusterwide)
-            if clusterwide:
+            if clusterwide or settings.get("webhook") == "managed":
                 clusterwide_namespaces.append(namespace)
+            if settings.get("webhook") == "managed":
+                grant_managed_webhook_rbac(kube, namespace)
+                # One configuration per test, named after its namespace (removed afterwards).
+                settings.setdefault("webhook_configuration", f"{namespace}.optrun.io")
+                settings.setdefault("webhook_port", free_port())
         kubeconfig = cluster.service_account_kubeconfig(
             namespace, SERVICE_ACCOUNT, tmp_path / f"{name}.kubeconfig"
         )
