@@ -132,8 +132,10 @@ def test_a_pod_whose_metrics_cannot_be_reached_is_not_killed_as_hung(
         runtime_metrics_port=free_port(),
         runtime_startup_seconds=3,
     )
-    stalls = [{"type": "stall", "atStep": s, "durationSeconds": 3} for s in (4, 8, 12, 16)]
-    runs.create("unobserved", tiny_spec(safety={"hangTimeoutSeconds": 5}, faults=stalls, backoffLimit=0))
+    # Healthy but slow: 60 s of stalls, none as long as hangTimeoutSeconds (45 s, which no stage of
+    # the runtime reaches on a busy 2-core machine either: some take 15 s without a step).
+    stalls = [{"type": "stall", "atStep": s, "durationSeconds": 12} for s in (3, 6, 9, 12, 15)]
+    runs.create("unobserved", tiny_spec(safety={"hangTimeoutSeconds": 45}, faults=stalls, backoffLimit=0))
 
     def unreachable() -> dict[str, Any] | None:
         c = condition(runs, "unobserved", "MetricsAvailable")
