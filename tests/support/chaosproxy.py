@@ -115,7 +115,11 @@ class ChaosProxy:
             connector=connector, timeout=timeout, auto_decompress=False
         ) as client:
             app = web.Application(client_max_size=16 * 2**20)
-            app.router.add_route("*", "/{tail:.*}", lambda request: self._forward(client, request))
+
+            async def forward(request: web.Request) -> web.StreamResponse:
+                return await self._forward(client, request)
+
+            app.router.add_route("*", "/{tail:.*}", forward)
             runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await runner.setup()
             sock = socket.socket()
@@ -142,13 +146,13 @@ class ChaosProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
         url = self.upstream + request.path_qs
         async with client.request(request.method, url, headers=headers, data=body or None) as upstream:
+            if request.method in WRITES and upstream.status < 300:
+                with self._lock:  # done by the API server, whether its answer arrives or not
+                    self.writes[f"{request.method} {_resource(request.path)}"] += 1
             if kind == "500-after":
                 await upstream.read()  # the write happened; its answer is lost
                 return web.Response(status=500, body=_status(500, "InternalError", "chaos: injected after"),
                                     content_type="application/json")  # fmt: skip
-            if request.method in WRITES and upstream.status < 300:
-                with self._lock:
-                    self.writes[f"{request.method} {_resource(request.path)}"] += 1
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 if key.lower() not in _SKIP:
@@ -157,9 +161,9 @@ class ChaosProxy:
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
+                await response.write_eof()
             except (aiohttp.ClientError, ConnectionResetError):
                 pass  # a watch the API server or the client ended
-            await response.write_eof()
             return response
 
 
