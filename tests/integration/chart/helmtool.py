@@ -108,8 +108,13 @@ class Helm:
         *,
         release: str = "optrun",
         namespace: str = "optrun-system",
+        kube_version: str | None = None,
     ) -> list[dict[str, Any]]:
-        out = self.run("template", release, str(CHART), "--namespace", namespace, *self._values_args(values))
+        """`kube_version`: the API server version helm renders for (default: helm's own)."""
+        extra = ("--kube-version", kube_version) if kube_version else ()
+        out = self.run(
+            "template", release, str(CHART), "--namespace", namespace, *extra, *self._values_args(values)
+        )
         return [d for d in yaml.load_all(out.stdout, Loader=Yaml12Loader) if d]
 
     def install(

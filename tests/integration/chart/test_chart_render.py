@@ -111,10 +111,13 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
     # cluster with prometheus-operator has.
     apply_crds(kubectl, KOPF_CRDS, MONITORING_CRDS)
     values = dict(EVERY_OPTION, operator={"namespaces": [namespace, "default"]} if watched else {})
-    docs = helm.template(values, release="optrun-dry", namespace=namespace)
+    # Rendered for the test server's version, as `helm install` renders for the server it talks to.
+    docs = helm.template(values, release="optrun-dry", namespace=namespace, kube_version="1.20.2")
     kinds = sorted({d["kind"] for d in docs})
     expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"}
     expected |= {"PodMonitor", "PrometheusRule", "ConfigMap"}
+    expected |= {"ValidatingWebhookConfiguration", "Secret"}  # the admission webhook
+    expected |= {"NetworkPolicy"} if watched else set()  # in each watched namespace
     expected |= (
         {"Role", "RoleBinding", "KopfPeering"}
         if watched
