@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import kopf
 
@@ -36,7 +36,7 @@ from optrun.api.v1alpha1 import parse_manifest
 from optrun.operator.config import OperatorConfig
 
 HANDLER_ID = "validate-run"  # the webhook's URL path is /validate-run (the chart's configuration says so)
-OPERATIONS = ("CREATE", "UPDATE")
+OPERATIONS: tuple[Literal["CREATE"], Literal["UPDATE"]] = ("CREATE", "UPDATE")
 
 
 def review(operation: str, new: Mapping[str, Any] | None, old: Mapping[str, Any] | None) -> list[str]:

@@ -279,14 +279,9 @@ async def on_run_event(event: kopf.RawEvent, body: kopf.Body, uid: str, memo: ko
         memo.controller.cache.remember_run(dict(body))
 
 
-def on_validate(
-    operation: str,
-    body: kopf.Body,
-    old: kopf.Body | None,
-    warnings: list[str],
-    **_: Any,
-) -> None:
+def on_validate(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
     """The admission webhook: the same field-named lines as `optrun validate` (admission.review)."""
+    operation, old = str(kwargs.get("operation")), kwargs.get("old")
     new = dict(body)
     before = dict(old) if old is not None else None
     problems = admission.review(operation, new, before)
