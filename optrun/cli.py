@@ -18,6 +18,7 @@ Exit codes of `run` (and `validate`), so a script can tell the outcomes apart:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from optrun.api.v1alpha1 import OptimizationRunSpec, parse_manifest
 
 EXIT = {"GO": 0, "CONDITIONAL_GO": 3, "NO_GO": 4}
 EXIT_CRASH, EXIT_INVALID, EXIT_TERM = 1, 2, 143
+EXIT_HUNG = 124  # `optrun runtime`: its watchdog ended a hung process (as timeout(1) exits)
 
 log = logging.getLogger("optrun")
 
@@ -241,6 +243,16 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         for line in exc.problems:
             log.error("invalid manifest: %s", line)
         return EXIT_INVALID
+
+    def end_hung(reason: str) -> None:
+        # A hung process cannot write its result; the reason goes where the operator reads it.
+        if args.termination_log:
+            with contextlib.suppress(OSError):
+                Path(args.termination_log).write_text(reason)
+        log.error("%s", reason)
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
+
     opts = RunOptions(
         output_dir=Path(args.output),
         name=args.name or name,
@@ -249,6 +261,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
         device=args.device,
         keep_serving=True,
         metrics_addr=args.metrics_addr,
+        on_hang=end_hung,
     )
     _install_sigterm(opts.stop, grace=float(os.environ.get("OPTRUN_TERM_GRACE", "20")))
     problems = policy_problems(spec)

@@ -3,8 +3,19 @@
 The models are the source of truth (as Kubebuilder's `*_types.go` are for controller-gen):
 this module turns their JSON schema into a Kubernetes *structural* OpenAPI v3 schema:
 no `$ref` (definitions are inlined), `nullable` instead of `anyOf [..., null]`, OpenAPI 3.0
-exclusive bounds, `default: {}` on nested objects so the API server applies nested defaults,
-and `x-kubernetes-preserve-unknown-fields` only where a value is genuinely free-form.
+exclusive bounds, `default: {}` on nested objects so the API server applies nested defaults.
+
+Unknown fields in the spec are kept, not pruned: every spec object carries
+`x-kubernetes-preserve-unknown-fields`, so a misspelt field reaches the admission webhook, which
+refuses it naming the field, on every API server version (an API server prunes before admission,
+and only 1.25+ can be asked to refuse unknown fields itself). Were the webhook bypassed, the
+operator refuses the stored run (InvalidSpec) for the same reason. Status is pruned as usual.
+
+The immutability of a started run's spec (optrun.api.mutability) is also written as CEL
+`x-kubernetes-validations`, for API servers that evaluate them (1.25+; 1.28+ for fieldPath and
+reason); older ones drop the rules. One rule per immutable field, each bounded in cost: a field
+whose size the schema does not bound (a map without maxProperties) is left to the webhook.
+
 `crds/optrun.io_optimizationruns.yaml` is this output; a test fails when the two drift.
 """
 
@@ -18,6 +29,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from optrun.api import mutability
 from optrun.api import v1alpha1 as api
 
 Schema = dict[str, Any]
@@ -81,7 +93,10 @@ def _structural(node: Any, defs: Schema, models: dict[str, type[BaseModel]]) -> 
         if key == "title":
             continue
         if key == "additionalProperties" and value is False:
-            continue  # structural schemas prune unknown fields; the operator reports them
+            # A model that forbids unknown fields: keep them for the webhook to refuse by name
+            # (a structural schema would prune them silently before admission).
+            out["x-kubernetes-preserve-unknown-fields"] = True
+            continue
         if key == "exclusiveMinimum":
             out["minimum"], out["exclusiveMinimum"] = value, True
             continue
@@ -165,6 +180,66 @@ def openapi_schema(model: type[BaseModel], *, defaults: bool = True) -> Schema:
     return schema
 
 
+# Only what a started run records: a run whose status says no attempt began may change freely
+# (created suspended, say); `status` cannot be set through the main resource, so it is the
+# operator's word.
+_STARTED = "has(oldSelf.status) && has(oldSelf.status.attempts) && oldSelf.status.attempts > 0"
+
+
+def _bounded(node: Schema) -> bool:
+    """Whether the schema bounds the size of a value, so that comparing two of them has a cost the
+    API server can bound when it admits the CRD (strings by maxLength or enum, lists by maxItems,
+    maps by maxProperties)."""
+    kind = node.get("type")
+    if kind == "string":
+        return "maxLength" in node or "enum" in node
+    if kind == "array":
+        return "maxItems" in node and _bounded(node["items"])
+    if kind == "object":
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            return "maxProperties" in node and _bounded(extra)
+        return all(_bounded(sub) for sub in node.get("properties", {}).values())
+    return kind in ("integer", "number", "boolean")
+
+
+def immutable_fields(spec: Schema, prefix: str = "") -> tuple[list[str], list[str]]:
+    """(fields a CEL rule guards, fields only the webhook guards): the largest subtrees of the spec
+    that contain no mutable field, split further where their size is unbounded."""
+    guarded: list[str] = []
+    webhook_only: list[str] = []
+    for name, sub in spec.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        if mutability.is_mutable(path):
+            continue
+        holds_mutable = any(m.startswith(path + ".") for m in mutability.MUTABLE)
+        if not holds_mutable and _bounded(sub):
+            guarded.append(path)
+        elif sub.get("properties"):
+            inner = immutable_fields(sub, path + ".")
+            guarded += inner[0]
+            webhook_only += inner[1]
+        else:
+            webhook_only.append(path)
+    return guarded, webhook_only
+
+
+def immutability_rules(spec: Schema) -> list[Schema]:
+    """One transition rule per guarded field: unchanged once the run has started."""
+    rules = []
+    for path in immutable_fields(spec)[0]:
+        new, old = f"self.spec.{path}", f"oldSelf.spec.{path}"
+        rules.append(
+            {
+                "rule": f"!({_STARTED}) || (has({new}) ? has({old}) && {new} == {old} : !has({old}))",
+                "message": f"spec.{path} may not change once the run has started; {mutability.describe()}",
+                "fieldPath": f".spec.{path}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
+
+
 def crd() -> Schema:
     """The whole CustomResourceDefinition object."""
     spec = openapi_schema(api.OptimizationRunSpec)
@@ -216,6 +291,7 @@ def crd() -> Schema:
                             "type": "object",
                             "description": "An optimization run: a GPU job that trains, optimizes and is judged GO/CONDITIONAL_GO/NO_GO.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": immutability_rules(spec),
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from optrun.api.result import AcceptanceSummary, Category, Decision, Scalar
 
@@ -879,16 +880,32 @@ class Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+# The shape of metav1.Condition: the reason a machine can match on, RFC 3339 times.
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+DATE_TIME: JsonDict = {"format": "date-time"}
+
+
 class Condition(Status):
     type: str = Field(
-        description="Scheduled, Running, SafetyGatesPassed, AcceptancePassed, Complete or Failed."
+        max_length=316,
+        description=(
+            "Ready (the summary), Scheduled, Running, MetricsAvailable, SafetyGatesPassed, AcceptancePassed, "
+            "Complete or Failed."
+        ),
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field("", description="CamelCase reason a person can search for.")
-    message: str = Field("", description="Human-readable detail.")
-    last_transition_time: str | None = Field(None, description="RFC 3339 time of the last status change.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
+        description="CamelCase reason a person or a health check can search for.",
+    )
+    message: str = Field("", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(
+        json_schema_extra=DATE_TIME, description="RFC 3339 time of the last status change."
+    )
     observed_generation: int | None = Field(
-        None, description="metadata.generation the condition was computed from."
+        None, ge=0, description="metadata.generation the condition was computed from."
     )
 
 
@@ -913,7 +930,9 @@ class Progress(Status):
     step: int | None = Field(None, description="Global optimizer step.")
     loss: float | None = Field(None, description="Latest training loss.")
     tokens_per_second: float | None = Field(None, description="Training throughput.")
-    updated_at: str | None = Field(None, description="When progress last moved (RFC 3339).")
+    updated_at: str | None = Field(
+        None, json_schema_extra=DATE_TIME, description="When progress last moved (RFC 3339)."
+    )
 
 
 class SafetyStatus(Status):
@@ -940,15 +959,42 @@ class OptimizationRunStatus(Status):
     attempts: int = Field(0, description="Runtime pods started for this run.")
     failed_attempts: int = Field(
         0,
-        description="Attempts that ended in failure, counted against spec.backoffLimit (suspension is not one).",
+        description=(
+            "Attempts that ended in failure, counted against spec.backoffLimit (a suspension or a disruption "
+            "is not one)."
+        ),
+    )
+    disrupted_attempts: int = Field(
+        0,
+        description=(
+            "Attempts ended by a disruption (eviction, preemption, node drain or shutdown, a DisruptionTarget "
+            "condition): restarted at once, not counted against spec.backoffLimit."
+        ),
+    )
+    next_attempt_time: str | None = Field(
+        None,
+        json_schema_extra=DATE_TIME,
+        description="When the next attempt starts, after the back-off that follows a failed one (RFC 3339).",
     )
     pod_name: str | None = Field(None, description="Current or last runtime pod.")
-    start_time: str | None = Field(None, description="When the first attempt started (RFC 3339).")
-    completion_time: str | None = Field(None, description="When the run reached a terminal phase (RFC 3339).")
-    observed_generation: int | None = Field(None, description="Last metadata.generation acted on.")
+    start_time: str | None = Field(
+        None, json_schema_extra=DATE_TIME, description="When the first attempt started (RFC 3339)."
+    )
+    completion_time: str | None = Field(
+        None, json_schema_extra=DATE_TIME, description="When the run reached a terminal phase (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        None,
+        description=(
+            "The last metadata.generation the operator acted on; a spec edit it ignores (an immutable field of a "
+            "started run that got past the admission webhook) does not advance it."
+        ),
+    )
     message: str = Field("", description="Latest human-readable summary.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Conditions in the Kubernetes API convention."
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Conditions in the Kubernetes API convention, one per type.",
     )
 
 

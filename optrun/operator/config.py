@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -133,6 +133,71 @@ class OperatorConfig(BaseModel):
     )
     api_timeout_seconds: float = Field(
         30.0, gt=0.0, le=600.0, description="Timeout of one API request made by the operator."
+    )
+    retry_backoff_seconds: float = Field(
+        10.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "Back-off before the attempt after a failed one, doubled per failed attempt (as Jobs do); 0: at once. "
+            "A disrupted attempt (eviction, preemption, node drain) is restarted at once."
+        ),
+    )
+    retry_backoff_max_seconds: float = Field(
+        360.0, ge=0.0, le=86400.0, description="The longest back-off between two attempts."
+    )
+    image_pull_timeout_seconds: float = Field(
+        300.0,
+        ge=0.0,
+        le=86400.0,
+        description=(
+            "Seconds a runtime pod may sit on its node with a container the kubelet cannot start (ErrImagePull, "
+            "ImagePullBackOff, CreateContainerConfigError, ...) before the operator ends the attempt; the "
+            "condition says so at once."
+        ),
+    )
+    webhook: Literal["managed", "serve", "off"] = Field(
+        "managed",
+        description=(
+            "The validating admission webhook: managed (the operator registers a ValidatingWebhookConfiguration "
+            "pointing at itself, with a self-signed certificate it makes at start-up: for running it on a "
+            "developer's machine), serve (it only serves; the chart installs the configuration and the "
+            "certificate), off."
+        ),
+    )
+    webhook_port: int = Field(
+        9443, ge=1, le=65535, description="Port the admission webhook is served on (HTTPS)."
+    )
+    webhook_address: str = Field(
+        "0.0.0.0", min_length=1, description="Address the admission webhook listens on."
+    )
+    webhook_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description=(
+            "managed: the host name or IP the API server reaches this operator at (in the webhook URL and the "
+            "certificate), e.g. host.docker.internal for a kind cluster."
+        ),
+    )
+    webhook_cert_dir: str = Field(
+        "",
+        description=(
+            "Directory with the webhook's tls.crt and tls.key (and ca.crt), as a kubernetes.io/tls Secret mounts "
+            "them; reloaded when they change. Empty: managed mode makes a self-signed pair with openssl."
+        ),
+    )
+    webhook_configuration: str = Field(
+        "optrun.io",
+        min_length=1,
+        max_length=253,
+        description="managed: name of the ValidatingWebhookConfiguration the operator keeps up to date.",
+    )
+    webhook_failure_policy: Literal["Fail", "Ignore"] = Field(
+        "Fail",
+        description=(
+            "managed: what the API server does when it cannot reach the webhook: Fail refuses the write, "
+            "Ignore admits it (the operator then refuses an invalid run as InvalidSpec)."
+        ),
     )
 
     @field_validator("namespaces")

@@ -29,8 +29,11 @@ replica, and each write is computed, under the run's lock, from the freshest cop
 has seen, which includes its own last write (the patch's response). A precondition would only
 turn each write that follows one of kopf's own annotation patches into a 409, a GET and a second
 write (measured: 4 in 10 status writes when 200 runs are created at once), for no safety gained.
-API errors propagate as `Retry` (5 s for no answer, 429 and 5xx; 30 s for a refusal), which the
-handlers turn into a kopf.TemporaryError: kopf retries the handler after that delay.
+API errors propagate as `Retry` (the server's Retry-After, else 5 s for no answer, 429 and 5xx;
+30 s for a refusal), which the run handlers turn into a kopf.TemporaryError: kopf retries the
+handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
+pod event that fails is queued again here (`retry_later`), with the same delays: no swallowed
+error leaves a run without a next look.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import yaml
 
 from optrun.api import v1alpha1 as api
 from optrun.operator import builders, metrics, reconcile, scrape
@@ -303,6 +308,13 @@ class Controller:
         self.events = EventPoster(kube, burst=self.burst)
         self.instance = socket.gethostname()
         self.status_writes = Batcher(self._write_status, workers=max(1, cfg.workers // 2), burst=self.burst)
+        self.retries = Batcher(self._retry, workers=2)
+        # kopf's pod index (run uid -> its pods), handed over by the first handler that gets it: a
+        # retry queued here runs outside kopf's handlers and reads the pods from the same index.
+        self.pods_index: Mapping[str, Any] | None = None
+        # The spec in each started run's ConfigMap (immutable), read when a run's generation is one
+        # the operator has not acted on yet (reconcile.Observed.started_spec).
+        self._started_specs: dict[str, Mapping[str, Any]] = {}
 
     def converge(
         self,
@@ -329,9 +341,31 @@ class Controller:
                 # less often, and loudly: the run waits, the operator keeps trying.
                 if not err.transient:
                     log.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), err)
-                raise Retry(str(err), delay=5.0 if err.transient else 30.0) from None
+                raise Retry(str(err), delay=_delay(err)) from None
             finally:
                 metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
+
+    def retry_later(self, uid: str, delay: float) -> None:
+        """Converge the run again in `delay` seconds (a pod-event reconcile failed)."""
+        self.retries.mark(uid, delay)
+
+    def _retry(self, uid: str) -> None:
+        run = self.cache.run(uid)
+        if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        pods = self.pods_index.get(uid) if self.pods_index is not None else None
+        try:
+            self.converge(run, trigger="retry", indexed_pods=iter_store(pods))
+        except Retry as again:
+            log.info("%s: will look again in %gs: %s", run["metadata"].get("name"), again.delay, again)
+            self.retries.mark(uid, again.delay)
+        except Exception:  # a bug must not end the retries of every other run
+            log.exception("%s: reconcile failed; will look again", run["metadata"].get("name"))
+            self.retries.mark(uid, 30.0)
+
+    def forget(self, uid: str) -> None:
+        self.cache.forget(uid)
+        self._started_specs.pop(uid, None)
 
     # --- observe ---------------------------------------------------------------------------------
 
@@ -363,6 +397,7 @@ class Controller:
                 self.cache.remember_pod(uid, found)
                 views[expected] = PodView.from_pod(found)
         sample = None
+        scrape_error = None
         current = views.get(expected) if expected else None
         if scrape_metrics and current is not None and current.state == "running" and current.pod_ip:
             try:
@@ -371,14 +406,33 @@ class Controller:
                 )
             except scrape.ScrapeError as err:
                 metrics.SCRAPE_ERRORS.inc()
+                scrape_error = str(err)
                 log.debug("%s/%s: scrape failed: %s", namespace, meta["name"], err)
         return reconcile.Observed(
             run=run,
             pods=views,
             now=dt.datetime.now(dt.UTC),
             sample=sample,
+            scrape_error=scrape_error,
             spec_changes=spec_changes,
+            started_spec=self._started_spec(run),
         )
+
+    def _started_spec(self, run: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The spec in the run's ConfigMap, when its generation is not yet acted on (see
+        reconcile.Observed.started_spec); read once per run and kept (the ConfigMap is immutable)."""
+        meta = run["metadata"]
+        st = run.get("status") or {}
+        if not st.get("attempts") or st.get("observedGeneration") in (None, meta.get("generation")):
+            return None
+        uid = meta["uid"]
+        if uid not in self._started_specs:
+            cm = self.kube.get("ConfigMap", meta["namespace"], builders.configmap_name(meta["name"]))
+            if cm is None or _labels(cm).get(builders.LABEL_RUN_UID) != uid:
+                return None
+            doc = yaml.safe_load((cm.get("data") or {}).get(builders.SPEC_FILE) or "{}") or {}
+            self._started_specs[uid] = doc.get("spec") or {}
+        return self._started_specs[uid]
 
     # --- apply -----------------------------------------------------------------------------------
 
@@ -449,7 +503,7 @@ class Controller:
             except ApiError as err:
                 log.log(logging.INFO if err.transient else logging.WARNING,
                         "%s/%s: status not written: %s", meta["namespace"], meta["name"], err)  # fmt: skip
-                self.status_writes.mark(uid, 5.0 if err.transient else 30.0)
+                self.status_writes.mark(uid, _delay(err))
 
     def flush(self) -> None:
         """Write every staged status now (the operator is stopping)."""
@@ -500,6 +554,14 @@ def event_body(run_meta: Mapping[str, Any], event: Event, instance: str, when: d
     }
 
 
+def _delay(err: ApiError) -> float:
+    """When to try again after an API error: the server's Retry-After, else soon for no answer,
+    throttling or a server error, less often for a refusal."""
+    if err.retry_after is not None:
+        return max(0.5, err.retry_after)
+    return 5.0 if err.transient else 30.0
+
+
 def _labels(body: Mapping[str, Any]) -> Mapping[str, str]:
     return (body.get("metadata") or {}).get("labels") or {}
 
@@ -509,6 +571,8 @@ def _count(note: reconcile.Note) -> None:
         metrics.ATTEMPTS.inc()
     elif note.kind == "attempt_failed":
         metrics.ATTEMPT_FAILURES.labels(reason=note.label).inc()
+    elif note.kind == "attempt_disrupted":
+        metrics.ATTEMPT_DISRUPTIONS.labels(reason=note.label).inc()
     elif note.kind == "decision":
         metrics.DECISIONS.labels(decision=note.label).inc()
     elif note.kind == "gate":

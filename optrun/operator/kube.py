@@ -34,16 +34,33 @@ JSON = dict[str, Any]
 class ApiError(Exception):
     """A non-2xx answer (or no answer: code 0); `code` is the HTTP status, `reason` the Status reason."""
 
-    def __init__(self, code: int, message: str, reason: str = "", verb: str = "", path: str = "") -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str = "",
+        verb: str = "",
+        path: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         self.code = code
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after  # the server's Retry-After (429, 503), in seconds
         super().__init__(f"{verb} {path}: {code} {reason}: {message}".strip())
 
     @property
     def transient(self) -> bool:
         """Worth retrying later: no answer, throttling, a timeout or a server error."""
         return self.code == 0 or self.code == 429 or self.code >= 500
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds (the API server sends delta-seconds), capped at a minute."""
+    try:
+        return min(60.0, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
 
 
 def load_client(timeout: float, *, connections: int) -> Kube:
@@ -100,6 +117,7 @@ class Kube:
             )
             data = response.read()  # type: ignore[no-untyped-call]
             status = int(response.status)
+            retry_after = _seconds(response.headers.get("Retry-After"))
         except ApiException as exc:  # no answer at all (connection refused, timeout)
             metrics.API_ERRORS.labels(code="0").inc()
             raise ApiError(0, str(exc.reason or exc), verb=verb, path=path) from None
@@ -118,6 +136,7 @@ class Kube:
                 reason=str(doc.get("reason", "")),
                 verb=verb,
                 path=path,
+                retry_after=retry_after,
             )
         return doc if isinstance(doc, dict) else {"items": doc}
 

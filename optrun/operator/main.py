@@ -17,6 +17,7 @@ configuration, which is read at start-up.
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,10 +27,10 @@ import kopf
 
 from optrun.api import v1alpha1 as api
 from optrun.api.errors import ManifestError
-from optrun.operator import builders, config, metrics
+from optrun.operator import admission, builders, config, metrics
 from optrun.operator.controller import Controller, Retry, iter_store, trim_pod
 from optrun.operator.kube import load_client
-from optrun.operator.status import TERMINAL_PHASES
+from optrun.operator.status import CONTAINER_START_REASONS, TERMINAL_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The CRD is installed before the operator (chart or crds/); watching CRDs and namespaces at
     # runtime would need cluster-wide list/watch on both, and buys nothing here.
     settings.scanning.disabled = True
+
+    # The admission webhook (optrun.operator.admission): served by every replica, active or
+    # standby (peering pauses the watches, not the webhook server), so a Service in front of
+    # them always finds one. Managed: the operator keeps the ValidatingWebhookConfiguration itself.
+    if cfg.webhook != "off":
+        settings.admission.server = admission.server(cfg, *memo.webhook_certificate)
+        settings.admission.managed = cfg.webhook_configuration if cfg.webhook == "managed" else None
 
     if cfg.metrics_port:
         port = metrics.serve(cfg.metrics_port)
@@ -200,6 +208,8 @@ def _converge(
         )
     except Retry as retry:
         raise kopf.TemporaryError(str(retry), delay=retry.delay) from None
+    finally:
+        controller.pods_index = pods  # for the retries the controller queues itself
 
 
 def on_create(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
@@ -229,12 +239,14 @@ def needs_a_look(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
     thousand runs costs no thousand finalizer patches (see docs/operator.md)."""
     phase = status.get("phase")
     if phase in ("Running", "Recovering"):
-        return True
+        return True  # Recovering: a back-off's end is seen only by looking, too
     if phase == "Pending":
-        scheduled: Mapping[str, Any] = next(
-            (c for c in status.get("conditions") or [] if c.get("type") == "Scheduled"), {}
+        conditions = {c.get("type"): c for c in status.get("conditions") or []}
+        return (
+            spec.get("activeDeadlineSeconds") is not None
+            or (conditions.get("Scheduled") or {}).get("reason") == "PodCreateFailed"
+            or (conditions.get("Running") or {}).get("reason") in CONTAINER_START_REASONS
         )
-        return spec.get("activeDeadlineSeconds") is not None or scheduled.get("reason") == "PodCreateFailed"
     return phase in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is not None
 
 
@@ -254,15 +266,28 @@ def on_pod_event(
     try:
         _converge(memo, run, "pod", kwargs)
     except kopf.TemporaryError as err:
-        log.info("%s: will look again: %s", body.get("metadata", {}).get("name"), err)
+        # kopf never retries an event handler: the controller looks again itself.
+        log.info("%s: will look again in %gs: %s", run["metadata"].get("name"), err.delay or 5.0, err)
+        controller.retry_later(uid, err.delay or 5.0)
 
 
 async def on_run_event(event: kopf.RawEvent, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") == "DELETED":
-        memo.controller.cache.forget(uid)
+        memo.controller.forget(uid)
         memo.specs.forget(uid)
     else:
         memo.controller.cache.remember_run(dict(body))
+
+
+def on_validate(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    """The admission webhook: the same field-named lines as `optrun validate` (admission.review)."""
+    operation, old = str(kwargs.get("operation")), kwargs.get("old")
+    new = dict(body)
+    before = dict(old) if old is not None else None
+    problems = admission.review(operation, new, before)
+    if problems:
+        raise kopf.AdmissionError("\n".join(problems), code=422)
+    warnings.extend(admission.warnings(operation, new, before))
 
 
 def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -294,6 +319,15 @@ def build_registry(cfg: config.OperatorConfig) -> kopf.OperatorRegistry:
         on_pod_event
     )
     kopf.on.event(*RUNS, id="run-event", registry=registry)(on_run_event)
+    if cfg.webhook != "off":
+        kopf.on.validate(
+            *RUNS,
+            id=admission.HANDLER_ID,
+            operations=list(admission.OPERATIONS),
+            side_effects=False,
+            ignore_failures=cfg.webhook_failure_policy == "Ignore",
+            registry=registry,
+        )(on_validate)
     return registry
 
 
@@ -319,8 +353,21 @@ def run(argv: Sequence[str]) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
         # ... except when a replica pauses for another or resumes: that is how HA is followed.
         logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
+    certificate = None
+    if cfg.webhook != "off":
+        try:
+            certificate = admission.certificate(cfg)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(
+                f"error: webhook: no certificate ({exc}); give --webhook-cert-dir (tls.crt, tls.key), install "
+                "openssl for a self-signed one, or set --webhook off",
+                file=sys.stderr,
+            )
+            return 2
     kube = load_client(cfg.api_timeout_seconds, connections=cfg.workers + 4)
-    memo = kopf.Memo(cfg=cfg, controller=Controller(cfg, kube), specs=SpecMemory())
+    memo = kopf.Memo(
+        cfg=cfg, controller=Controller(cfg, kube), specs=SpecMemory(), webhook_certificate=certificate
+    )
     kopf.run(
         registry=build_registry(cfg),
         memo=memo,

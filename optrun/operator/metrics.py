@@ -38,6 +38,12 @@ ATTEMPT_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+ATTEMPT_DISRUPTIONS = Counter(
+    "optrun_operator_attempt_disruptions_total",
+    "Attempts ended by a disruption (Evicted, Preempted, NodeShutdown, NodeLost, ...), not counted as failures.",
+    ["reason"],
+    registry=REGISTRY,
+)
 RUN_FAILURES = Counter(
     "optrun_operator_run_failures_total",
     "Runs that reached phase Failed, by reason.",

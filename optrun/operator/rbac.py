@@ -89,6 +89,22 @@ RULES: list[Rule] = [
 ]
 
 
+# Only for `--webhook managed` (an operator on a developer's machine registering its own webhook):
+# cluster-scoped, so a ClusterRole whatever namespaces it watches. The chart installs the webhook
+# configuration itself (`--webhook serve`) and never grants this.
+MANAGED_WEBHOOK_RULES: list[Rule] = [
+    {
+        "apiGroups": ["admissionregistration.k8s.io"],
+        "resources": ["validatingwebhookconfigurations"],
+        "verbs": ["create", "patch"],
+        "why": (
+            "create: the ValidatingWebhookConfiguration --webhook-configuration, once (409 if it exists); patch: "
+            "point its webhook at this operator's URL and certificate, and take it out on a clean exit."
+        ),
+    },
+]
+
+
 def _rules() -> list[dict[str, Any]]:
     return [{k: list(rule[k]) for k in ("apiGroups", "resources", "verbs")} for rule in RULES]
 

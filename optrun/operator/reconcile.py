@@ -12,18 +12,26 @@ The life of a run
   (cross-field rules, built-in model names, name length). An invalid run goes Failed/InvalidSpec
   and never gets a pod.
 - Attempt n runs in pod `<run>-attempt-<n>` (status.attempts = n). A pod that fails, is
-  OOMKilled, evicted, deleted, or succeeds without a result (ResultsUnavailable), ends its
-  attempt: status.failedAttempts += 1 and attempt n+1 starts, resuming from the last checkpoint
-  when spec.training.checkpoint.claimName names a volume that outlives the pod. After
-  spec.backoffLimit failed attempts the run is Failed/BackoffLimitExceeded. The next pod is
-  created only once the previous one's process is over, so two attempts never write the same
-  checkpoint directory.
+  OOMKilled, deleted, succeeds without a result (ResultsUnavailable), or whose container the
+  kubelet cannot start (ErrImagePull, ImagePullBackOff, CreateContainerConfigError, ... for
+  `imagePullTimeoutSeconds` after its scheduling) ends its attempt: status.failedAttempts += 1 and,
+  after a back-off (`retryBackoffSeconds` doubling per failure up to `retryBackoffMaxSeconds`,
+  status.nextAttemptTime), attempt n+1 starts, resuming from the last checkpoint when
+  spec.training.checkpoint.claimName names a volume that outlives the pod. After
+  spec.backoffLimit failed attempts the run is Failed/BackoffLimitExceeded. A disruption (an
+  eviction, a preemption, a node drained, shut down or lost: `PodView.disruption`) is no failure:
+  status.disruptedAttempts += 1 and the next attempt starts at once. The next pod is created only
+  once the previous one's process is over, so two attempts never write the same checkpoint
+  directory.
 - The result (the pod's termination message) goes through the judge (`optrun.judge.decide`)
   into decision, conditions and figures; phase Succeeded whatever the decision (NO_GO is a
   verdict on the optimizations, not a failure of the run).
 - Live gates, while the runtime runs (from the scraped metrics): no progress for
   spec.safety.hangTimeoutSeconds ends the attempt (HangDetected; retried like any failed
-  attempt). More recoveries than spec.safety.maxRecoveries marks SafetyGatesPassed=False at
+  attempt), but only on evidence: a scrape that answered just now. When /metrics cannot be read
+  (a NetworkPolicy, a mesh), MetricsAvailable=False says so, and the operator never kills a pod
+  it cannot observe: the runtime's own watchdog ends a process that is truly hung, with
+  "HangDetected: ..." as its termination message, which the operator reads as the reason. More recoveries than spec.safety.maxRecoveries marks SafetyGatesPassed=False at
   once; the runtime then stops training by itself and writes a judged result, and if it is
   still training `liveGateGraceSeconds` later the operator ends the run
   (Failed/RecoveryBudgetExhausted: a fault no recovery fixed will not be fixed by a retry).
@@ -41,13 +49,15 @@ A spec edited while the run is in progress
 ------------------------------------------
 Every attempt trains under the spec the run started with (the immutable ConfigMap): a checkpoint
 only resumes under the spec that made it, and a run judged GO must have been judged on one spec.
-Edits are handled by field:
+Edits are handled by field (optrun.api.mutability, which the admission webhook enforces):
 - suspend, activeDeadlineSeconds, backoffLimit, ttlSecondsAfterFinished and the live-gate
   settings (safety.hangTimeoutSeconds, safety.maxRecoveries) take effect at once;
 - image, resources and scheduling apply from the next attempt (after an OOMKilled attempt,
   raising resources.memory helps the retry); event SpecChangeDeferred;
-- everything else is ignored for this run, with a Warning event SpecChangeIgnored naming the
-  fields: create a new run to train under them.
+- everything else is refused by the webhook. An edit that got past it (the webhook down with
+  failurePolicy Ignore) is ignored for this run, with a Warning event SpecChangeIgnored naming
+  the fields, and status.observedGeneration does not advance: the spec as written is not what
+  the run does (the reconcile compares it with the spec in the run's ConfigMap).
 An edit that makes the spec invalid fails the run (InvalidSpec), as creating it invalid would.
 """
 
@@ -60,9 +70,10 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from optrun.api import mutability
 from optrun.api.errors import ManifestError
 from optrun.api.result import Result
-from optrun.api.v1alpha1 import OptimizationRunStatus, Progress, SafetyStatus
+from optrun.api.v1alpha1 import OptimizationRunSpec, OptimizationRunStatus, Progress, SafetyStatus
 from optrun.operator import builders, status
 from optrun.operator.builders import Run
 from optrun.operator.config import OperatorConfig
@@ -71,17 +82,17 @@ from optrun.operator.scrape import Sample
 from optrun.operator.status import (
     ACCEPTANCE,
     COMPLETE,
+    CONTAINER_START_REASONS,
     FAILED,
+    IMAGE_PULL_REASONS,
+    METRICS,
+    READY,
     RUNNING,
     SAFETY,
     SCHEDULED,
     Event,
     Reason,
 )
-
-CONTROL_FIELDS = ("suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
-LIVE_GATE_FIELDS = ("safety.hangTimeoutSeconds", "safety.maxRecoveries")
-POD_SHAPE_FIELDS = ("image", "resources", "scheduling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +103,18 @@ class Observed:
     pods: Mapping[str, PodView]  # this run's pods by name; PodView.gone() for ones confirmed deleted
     now: dt.datetime
     sample: Sample | None = None  # the current pod's metrics, scraped just now
+    scrape_error: str | None = None  # a scrape was tried just now and failed: why
     spec_changes: tuple[str, ...] = ()  # spec paths an update changed ("spec.training.epochs")
+    # The spec every attempt runs under (the run's ConfigMap), when the run's generation is one the
+    # operator has not acted on yet: None when not needed or not known.
+    started_spec: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Note:
     """Something for the operator's metrics: an attempt started or failed, a decision, a gate, a failure."""
 
-    kind: Literal["attempt_started", "attempt_failed", "decision", "gate", "run_failed"]
+    kind: Literal["attempt_started", "attempt_failed", "attempt_disrupted", "decision", "gate", "run_failed"]
     label: str = ""
 
 
@@ -169,13 +184,12 @@ class _Reconciler:
         self.out = Plan()
         self.events_out: list[Event] = []
         self.run: Run | None = None
+        self.acted = self.acted_generation()
 
     # --- helpers -------------------------------------------------------------------------------
 
     def cond(self, type_: str, state: Literal["True", "False", "Unknown"], reason: str, message: str) -> None:
-        status.set_condition(
-            self.new, type_, state, reason, message, now=self.now, generation=self.generation
-        )
+        status.set_condition(self.new, type_, state, reason, message, now=self.now, generation=self.acted)
 
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.events_out.append(Event(type_, str(reason), status.clip(message)))
@@ -185,7 +199,8 @@ class _Reconciler:
             self.out.delete_pods.append(pod.name)
 
     def finish(self) -> Plan:
-        self.new.observed_generation = self.generation
+        self.new.observed_generation = self.acted
+        self.cond(READY, *status.ready(self.new))
         old = self.old.model_dump(mode="json", by_alias=True, exclude_none=True)
         new = self.new.model_dump(mode="json", by_alias=True, exclude_none=True)
         if new != old:
@@ -196,6 +211,23 @@ class _Reconciler:
                 seen.add(e.reason)
                 self.out.events.append(e)
         return self.out
+
+    def acted_generation(self) -> int | None:
+        """The generation this reconcile acts on: the run's own, unless the spec holds an edit of a
+        field a started run may not change (it got past the webhook), which the operator ignores:
+        then the generation it last acted on stays (status.observedGeneration says only that)."""
+        started = self.obs.started_spec
+        last = self.old.observed_generation
+        if started is None or last is None or last == self.generation or not self.old.attempts:
+            return self.generation
+        try:
+            current = OptimizationRunSpec.model_validate(self.obs.run.get("spec") or {})
+            before = OptimizationRunSpec.model_validate(started)
+        except ValidationError:
+            return self.generation  # an invalid edit is acted on: it fails the run
+        dump = {"mode": "json", "by_alias": True, "exclude_none": True}
+        ignored = mutability.immutable_changes(before.model_dump(**dump), current.model_dump(**dump))  # type: ignore[arg-type]
+        return last if ignored else self.generation
 
     # --- the decision tree ---------------------------------------------------------------------
 
@@ -224,6 +256,7 @@ class _Reconciler:
 
         # A finished attempt comes first: a result is a result, even if a suspension came after it.
         outcome: tuple[str, str] | None = None
+        disrupted = False
         if current is not None and current.finished:
             if current.state == "succeeded":
                 try:
@@ -244,12 +277,15 @@ class _Reconciler:
                 outcome = None  # stopped for the suspension: not a failure
             elif outcome is None:
                 stopped = status.get_condition(self.old, RUNNING)
+                disruption = current.disruption()
                 if (
                     stopped is not None
                     and stopped.status == "False"
-                    and stopped.reason == Reason.HANG_DETECTED
+                    and (stopped.reason == Reason.HANG_DETECTED or stopped.reason in CONTAINER_START_REASONS)
                 ):
-                    outcome = (Reason.HANG_DETECTED, stopped.message)
+                    outcome = (stopped.reason, stopped.message)  # the operator ended it, and said why
+                elif disruption is not None:
+                    outcome, disrupted = disruption, True
                 else:
                     outcome = current.failure()
 
@@ -269,6 +305,10 @@ class _Reconciler:
         if current.finished:
             if outcome is None:
                 self.start(n + 1, resumed=True)
+            elif disrupted:
+                self.attempt_disrupted(n, *outcome)
+            elif self.new.next_attempt_time is not None:
+                self.back_off(n, *outcome)  # counted already: wait out the back-off
             else:
                 self.attempt_failed(n, *outcome)
             return
@@ -285,9 +325,17 @@ class _Reconciler:
         n = self.new.attempts
         seen = max((p.attempt or 0 for p in self.obs.pods.values()), default=0)
         if seen > n:
-            extra = seen - max(n, 1) - (1 if self.old.phase == "Suspended" else 0)
+            # Neither the attempt a resumption started nor one whose failure was counted already
+            # (its successor waited out a back-off) is a lost failure.
+            extra = (
+                seen
+                - max(n, 1)
+                - (1 if self.old.phase == "Suspended" else 0)
+                - (1 if self.old.next_attempt_time else 0)
+            )
             self.new.failed_attempts += max(0, extra)
             self.new.attempts = seen
+            self.new.next_attempt_time = None
             self.new.pod_name = builders.pod_name(self.name, seen)
             if self.new.start_time is None:
                 self.new.start_time = status.timestamp(self.now)
@@ -315,6 +363,8 @@ class _Reconciler:
         self.new.pod_name = pod
         self.new.phase = "Recovering" if after else "Pending"
         self.new.completion_time = None
+        self.new.next_attempt_time = None
+        status.remove_condition(self.new, METRICS)  # each attempt's pod is scraped afresh
         self.in_progress(k)
         if after:
             reason, message = after
@@ -349,6 +399,8 @@ class _Reconciler:
         self.new.failed_attempts += 1
         self.out.notes.append(Note("attempt_failed", str(reason)))
         self.event("Warning", reason, f"attempt {n} failed: {message}")
+        if reason == Reason.HANG_DETECTED:
+            self.cond(SAFETY, "False", Reason.HANG_DETECTED, message)
         limit = self.run.spec.backoff_limit
         if self.new.failed_attempts > limit:
             self.fail(
@@ -356,6 +408,43 @@ class _Reconciler:
                 f"{self.new.failed_attempts} attempt(s) failed (backoffLimit {limit}); last: {reason}: {message}",
             )
             return
+        delay = min(
+            self.cfg.retry_backoff_seconds * 2 ** (self.new.failed_attempts - 1),
+            self.cfg.retry_backoff_max_seconds,
+        )
+        if delay <= 0:
+            self.start(n + 1, after=(reason, message))
+            return
+        self.new.next_attempt_time = status.timestamp(self.now + dt.timedelta(seconds=delay))
+        self.back_off(n, reason, message)
+
+    def back_off(self, n: int, reason: str, message: str) -> None:
+        """Attempt n failed and was counted; attempt n+1 starts at status.nextAttemptTime."""
+        due = parse_time(self.new.next_attempt_time)
+        if due is None or self.now >= due:
+            self.start(n + 1, after=(reason, message))
+            return
+        self.new.phase = "Recovering"
+        self.cond(
+            RUNNING,
+            "False",
+            reason,
+            f"attempt {n} failed: {message}; attempt {n + 1} starts at {self.new.next_attempt_time} (back-off)",
+        )
+        self.new.message = (
+            f"attempt {n} failed ({reason}); attempt {n + 1} starts at {self.new.next_attempt_time}"
+        )
+
+    def attempt_disrupted(self, n: int, reason: str, message: str) -> None:
+        """The cluster ended the attempt (eviction, preemption, node drain): not the run's failure,
+        so not counted against backoffLimit, and the next attempt starts at once (elsewhere)."""
+        self.new.disrupted_attempts += 1
+        self.out.notes.append(Note("attempt_disrupted", str(reason)))
+        self.event(
+            "Warning",
+            reason,
+            f"attempt {n} was disrupted: {message}; not counted against backoffLimit, attempt {n + 1} starts now",
+        )
         self.start(n + 1, after=(reason, message))
 
     def live(self, n: int, pod: PodView) -> None:
@@ -368,6 +457,7 @@ class _Reconciler:
         if pod.state != "running":
             if self.new.phase is None:
                 self.new.phase = "Pending"
+            self.container_start(n, pod)
             return
         self.new.phase = "Running"
         self.cond(
@@ -378,9 +468,75 @@ class _Reconciler:
         if sample is not None:
             self.new.progress = sample.progress()
             self.new.safety = SafetyStatus(trips=dict(sample.trips), recoveries=sample.recoveries)
+        self.metrics_condition(pod)
         if self.recovery_gate(n, pod):
             return
-        self.hang_gate(n, pod)
+        if sample is not None:
+            self.hang_gate(n, pod)  # only on evidence: a scrape that answered just now
+
+    def container_start(self, n: int, pod: PodView) -> None:
+        """The kubelet cannot start the runtime container (the image, its configuration): say so at
+        once, and end the attempt once the pod has waited imagePullTimeoutSeconds on its node."""
+        reason = pod.waiting_reason
+        if reason not in CONTAINER_START_REASONS:
+            return
+        running = status.get_condition(self.new, RUNNING)
+        same = (
+            running is not None
+            and running.status == "False"
+            and (running.reason == reason or {running.reason, reason} <= IMAGE_PULL_REASONS)
+        )
+        if not same:
+            detail = f": {pod.waiting_message}" if pod.waiting_message else ""
+            self.cond(
+                RUNNING,
+                "False",
+                reason,
+                f"pod {pod.name}: the kubelet cannot start the runtime container, image {pod.image} ({reason}){detail}",
+            )
+            self.new.message = f"attempt {n}: {reason}: image {pod.image}"
+            running = status.get_condition(self.new, RUNNING)
+        assert running is not None
+        # From whichever is later: the pod reaching its node, or this problem first being seen.
+        times = [t for t in (parse_time(running.last_transition_time), pod.scheduled_at) if t is not None]
+        since = max(times, default=self.now)
+        waited = (self.now - since).total_seconds()
+        if waited < self.cfg.image_pull_timeout_seconds:
+            return
+        self.delete(pod)
+        self.cond(
+            RUNNING,
+            "False",
+            running.reason,
+            f"{running.message}; {waited:.0f}s on its node without starting "
+            f"(imagePullTimeoutSeconds {self.cfg.image_pull_timeout_seconds:g}): the operator ended attempt {n}",
+        )
+
+    def metrics_condition(self, pod: PodView) -> None:
+        """MetricsAvailable: whether the operator can read the running runtime's /metrics."""
+        where = f"http://{pod.pod_ip}:{self.cfg.runtime_metrics_port}/metrics"
+        if self.obs.sample is not None:
+            self.cond(METRICS, "True", Reason.METRICS_SCRAPED, f"the operator reads {where}")
+            return
+        if self.obs.scrape_error is None:
+            return  # not scraped in this reconcile (a pod event): nothing new to say
+        seen = status.get_condition(self.new, METRICS)
+        starting = pod.started_at is not None and (
+            (self.now - pod.started_at).total_seconds() < self.cfg.runtime_startup_seconds
+        )
+        if (seen is None or seen.status == "Unknown") and starting:
+            self.cond(
+                METRICS, "Unknown", Reason.METRICS_UNREACHABLE, f"waiting for the runtime to serve {where}"
+            )
+            return
+        self.cond(
+            METRICS,
+            "False",
+            Reason.METRICS_UNREACHABLE,
+            f"cannot read {where} ({self.obs.scrape_error}): progress is not followed and the operator's hang "
+            "gate is off for this attempt (it never ends a pod it cannot observe); the runtime's own watchdog "
+            "ends a hung process. Let the operator reach the pods' port metrics (the chart's NetworkPolicy).",
+        )
 
     def recovery_gate(self, n: int, pod: PodView) -> bool:
         assert self.run is not None
@@ -442,8 +598,9 @@ class _Reconciler:
             self.new.progress = Progress(stage="done")
         self.cond(SCHEDULED, "True", Reason.SCHEDULED, f"pod {pod.name} ran on node {pod.node or 'unknown'}")
         self.cond(
-            RUNNING, "True", Reason.RUNTIME_FINISHED, f"the runtime of attempt {self.new.attempts} finished"
+            RUNNING, "False", Reason.RUNTIME_FINISHED, f"the runtime of attempt {self.new.attempts} finished"
         )
+        status.remove_condition(self.new, METRICS)
         self.cond(
             SAFETY, "True" if judged.safety_ok else "False", judged.safety_reason, judged.safety_message
         )
@@ -473,6 +630,7 @@ class _Reconciler:
             self.cond(RUNNING, "False", reason, message)
         if reason in (Reason.RECOVERY_BUDGET_EXHAUSTED, Reason.HANG_DETECTED):
             self.cond(SAFETY, "False", reason, message)
+        status.remove_condition(self.new, METRICS)
         for pod in self.obs.pods.values():
             self.delete(pod)
         self.out.notes.append(Note("run_failed", str(reason)))
@@ -513,17 +671,18 @@ class _Reconciler:
         deferred: list[str] = []
         for path in self.obs.spec_changes:
             rel = path.removeprefix("spec.")
-            top = rel.split(".", 1)[0]
-            if top in CONTROL_FIELDS or rel in LIVE_GATE_FIELDS:
-                continue
-            (deferred if top in POD_SHAPE_FIELDS else ignored).append(path)
+            if mutability.takes_effect_next_attempt(rel):
+                deferred.append(path)
+            elif not mutability.is_mutable(rel):
+                ignored.append(path)
         cm = builders.configmap_name(self.name)
         if ignored:
             self.event(
                 "Warning",
                 Reason.SPEC_CHANGE_IGNORED,
-                f"{', '.join(ignored)} changed while the run is in progress; every attempt keeps the spec the run "
-                f"started with (ConfigMap {cm}); create a new run to train under the new values",
+                f"{', '.join(ignored)} changed while the run is in progress, past the admission webhook; every "
+                f"attempt keeps the spec the run started with (ConfigMap {cm}) and observedGeneration stays; "
+                "create a new run to train under the new values",
             )
         if deferred:
             self.event(

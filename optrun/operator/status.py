@@ -3,14 +3,19 @@
 Pure functions over `optrun.api` models; the reconcile decides *when*, this module says *what*.
 
 Conditions follow the Kubernetes API convention (type, status, reason, message,
-lastTransitionTime, observedGeneration); lastTransitionTime moves only when the status moves.
-They are milestones, so a run judged GO ends with every one of them True:
+lastTransitionTime, observedGeneration); the list is a map keyed on type, and lastTransitionTime
+moves only when the status moves.
 
+  Ready              the summary for health checks (kstatus, Flux, Argo CD): True once the run
+                     finished and was judged (whatever the decision: NO_GO is a verdict, not a
+                     broken run), False when it failed or is suspended, Unknown while in progress
   Scheduled          the current attempt's pod was placed on a node (False: Unschedulable,
                      with the scheduler's message, or PodCreateFailed)
-  Running            the runtime of the current attempt started (and, once True, stays True when
-                     it finishes: RuntimeFinished); False while an attempt is being replaced, or
-                     while suspended
+  Running            the runtime of the current attempt is running; False once it finished
+                     (RuntimeFinished), while an attempt is being replaced or waits out its
+                     back-off, while its image cannot be pulled, or while suspended
+  MetricsAvailable   the operator can read the running runtime's /metrics (False:
+                     MetricsUnreachable; the hang gate then waits for evidence, see reconcile)
   SafetyGatesPassed  the gates held (False: RecoveryBudgetExhausted, HangDetected, NonFiniteLoss, ...)
   AcceptancePassed   the judge's decision is GO or CONDITIONAL_GO (False: NO_GO, with why)
   Complete           the run was judged (reason DecisionGo, DecisionConditionalGo, DecisionNoGo)
@@ -41,13 +46,15 @@ from optrun.api.v1alpha1 import (
 )
 from optrun.judge import decide
 
+READY = "Ready"
 SCHEDULED = "Scheduled"
 RUNNING = "Running"
+METRICS = "MetricsAvailable"
 SAFETY = "SafetyGatesPassed"
 ACCEPTANCE = "AcceptancePassed"
 COMPLETE = "Complete"
 FAILED = "Failed"
-CONDITION_TYPES = (SCHEDULED, RUNNING, SAFETY, ACCEPTANCE, COMPLETE, FAILED)
+CONDITION_TYPES = (READY, SCHEDULED, RUNNING, METRICS, SAFETY, ACCEPTANCE, COMPLETE, FAILED)
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 MESSAGE_LIMIT = 1024  # condition and event messages: enough to name the fields and the tests
@@ -66,6 +73,22 @@ class Reason(StrEnum):
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
     ATTEMPT_FAILED = "AttemptFailed"
+    BACKING_OFF = "BackingOff"
+    # the kubelet cannot start the container (Running=False within seconds; the attempt ends
+    # after --image-pull-timeout-seconds)
+    ERR_IMAGE_PULL = "ErrImagePull"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    INVALID_IMAGE_NAME = "InvalidImageName"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR = "CreateContainerError"
+    # MetricsAvailable
+    METRICS_SCRAPED = "MetricsScraped"
+    METRICS_UNREACHABLE = "MetricsUnreachable"
+    # disruptions: the attempt is restarted at once and not counted against backoffLimit
+    PREEMPTED = "Preempted"
+    NODE_SHUTDOWN = "NodeShutdown"
+    NODE_LOST = "NodeLost"
+    DISRUPTED = "Disrupted"
     # attempt failures (Running=False, AttemptFailed events)
     POD_DELETED = "PodDeleted"
     EVICTED = "Evicted"
@@ -113,15 +136,38 @@ GATE_REASONS = {
     "gradient_vanishing": Reason.GRADIENT_VANISHING,
 }
 
+# Waiting reasons of the kubelet that keep the runtime container from starting, as condition reasons.
+CONTAINER_START_REASONS = frozenset(
+    {
+        Reason.ERR_IMAGE_PULL,
+        Reason.IMAGE_PULL_BACK_OFF,
+        Reason.INVALID_IMAGE_NAME,
+        Reason.CREATE_CONTAINER_CONFIG_ERROR,
+        Reason.CREATE_CONTAINER_ERROR,
+    }
+)
+# The kubelet alternates these two while it retries one pull: one problem, one condition reason.
+IMAGE_PULL_REASONS = frozenset({Reason.ERR_IMAGE_PULL, Reason.IMAGE_PULL_BACK_OFF})
+DISRUPTION_REASONS = frozenset(
+    {Reason.EVICTED, Reason.PREEMPTED, Reason.NODE_SHUTDOWN, Reason.NODE_LOST, Reason.DISRUPTED}
+)
+
 # Condition (type, reason) pairs that are expected on the way, not a problem worth a Warning.
 _BENIGN_FALSE = {
     (RUNNING, Reason.SUSPENDED),
     (RUNNING, Reason.RESUMED),
     (RUNNING, Reason.POD_PENDING),
+    (RUNNING, Reason.RUNTIME_FINISHED),
     (COMPLETE, Reason.IN_PROGRESS),
+    (READY, Reason.SUSPENDED),
 }
-# ... and those not worth an Event at all: every run starts with them (AttemptStarted says it).
-_QUIET = {(COMPLETE, Reason.IN_PROGRESS), (RUNNING, Reason.POD_PENDING)}
+# ... and those not worth an Event at all: every run starts with them (AttemptStarted says it),
+# or they repeat another condition's Event.
+_QUIET = {
+    (COMPLETE, Reason.IN_PROGRESS),
+    (RUNNING, Reason.POD_PENDING),
+    (METRICS, Reason.METRICS_SCRAPED),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +214,19 @@ def set_condition(
     )
     others = [c for c in status.conditions if c.type != type_]
     status.conditions = sorted([*others, new], key=lambda c: _order(c.type))
+
+
+def ready(status: OptimizationRunStatus) -> tuple[Literal["True", "False", "Unknown"], str, str]:
+    """The Ready summary from the phase and the other conditions: (status, reason, message)."""
+    if status.phase == "Succeeded":
+        complete = get_condition(status, COMPLETE)
+        return "True", complete.reason if complete else Reason.IN_PROGRESS, status.message
+    if status.phase == "Failed":
+        failed = get_condition(status, FAILED)
+        return "False", failed.reason if failed else Reason.ATTEMPT_FAILED, status.message
+    if status.phase == "Suspended":
+        return "False", Reason.SUSPENDED, status.message
+    return "Unknown", Reason.IN_PROGRESS, status.message or "the run is starting"
 
 
 def remove_condition(status: OptimizationRunStatus, type_: str) -> None:

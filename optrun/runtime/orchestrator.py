@@ -133,6 +133,9 @@ class RunOptions:
     device: str | None = None
     keep_serving: bool = False  # the pod serves /metrics until the process exits
     stop: threading.Event = field(default_factory=threading.Event)
+    # Called with the reason when the watchdog sees a hang; the pod's ends the process, since the
+    # operator may not reach /metrics to see it (a laptop run only reports it).
+    on_hang: Callable[[str], None] | None = None
 
 
 def load_suite() -> None:
@@ -223,6 +226,11 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
         metrics.gate_trip("hang", step=metrics.last_step, action="report", detail=f"{idle:.0f}s idle")
         hang_events.append({"gate": "hang", "idle_seconds": round(idle, 1)})
         log.error("no progress for %.0fs (hangTimeoutSeconds %d)", idle, spec.safety.hang_timeout_seconds)
+        if opts.on_hang is not None:
+            opts.on_hang(
+                f"HangDetected: no progress for {idle:.0f}s (hangTimeoutSeconds "
+                f"{spec.safety.hang_timeout_seconds}); the runtime's watchdog ended the process"
+            )
 
     watchdog = Watchdog(metrics, spec.safety.hang_timeout_seconds, on_hang)
     watchdog.start()

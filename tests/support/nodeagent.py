@@ -51,7 +51,12 @@ Limits (what a real kubelet does that this one does not)
     are bookkeeping for the scheduler only; nothing is enforced, OOMKilled never happens.
   - Images are never pulled or run. An empty `command` takes the image's entrypoint from
     `AgentConfig.image_entrypoints` (image repository, tag stripped -> argv), else runs `args`
-    as the whole command line; both empty is a StartError.
+    as the whole command line; both empty is a StartError. An image from a registry host in the
+    reserved `.invalid` domain (RFC 2606: `registry.invalid/x:1`) cannot be pulled, as a
+    kubelet could not resolve it: the container waits with ErrImagePull, then ImagePullBackOff
+    between tries (back-off 1 s doubling to 30 s), and the pod stays Pending.
+  - Pod conditions the kubelet does not own (DisruptionTarget, readiness gates) are kept as
+    others wrote them, as the kubelet's status manager keeps them.
   - Mount points that do not exist on the host (directories, and the file at
     terminationMessagePath, /dev/termination-log by default) are created on the host, empty,
     before the bind mount hides them; the mounts themselves are private to the process.
@@ -110,6 +115,14 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 LOOP_INTERVAL = 0.1
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FALLBACK_LINES, FALLBACK_BYTES, MESSAGE_BYTES = 80, 2048, 4096
+KUBELET_CONDITIONS = {"Initialized", "Ready", "ContainersReady", "PodScheduled"}
+
+
+def unpullable(image: str) -> str | None:
+    """The registry host of an image no kubelet could pull (its domain is .invalid), else None."""
+    host = image.split("/", 1)[0] if "/" in image else ""
+    host = host.split(":", 1)[0]
+    return host if host == "invalid" or host.endswith(".invalid") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +337,7 @@ class ContainerRun:
         self.started = False  # startup probe passed (or none)
         self.done = False  # finished and will not be restarted
         self.probe_state: dict[str, dict[str, Any]] = {}
+        self.pull_failed_at = 0.0  # monotonic time of the last failed pull (ErrImagePull)
 
     def log_path(self, restart: int) -> Path:
         return self.dir / f"{restart}.log"
@@ -339,6 +353,20 @@ class ContainerRun:
 
     def start(self) -> None:
         worker = self.worker
+        image = self.spec.get("image", "")
+        host = unpullable(image)
+        if host is not None:
+            self.pull_failed_at = time.monotonic()
+            self.state = {
+                "waiting": {
+                    "reason": "ErrImagePull",
+                    "message": f'failed to pull and unpack image "{image}": failed to resolve reference: '
+                    f"dial tcp: lookup {host}: no such host",
+                }
+            }
+            self.next_start = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+            return
         try:
             env = worker.container_env(self.spec)
         except ConfigError as err:
@@ -475,6 +503,15 @@ class ContainerRun:
                 }
             }
             last_state = self.state
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") == "ErrImagePull" and time.monotonic() - self.pull_failed_at > 1:
+            # Between two pulls the kubelet shows its back-off.
+            state = {
+                "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": f'Back-off pulling image "{self.spec.get("image", "")}"',
+                }
+            }
         status: JSON = {
             "name": self.name,
             "image": self.spec.get("image", ""),
@@ -943,6 +980,11 @@ class PodWorker(threading.Thread):
                 self._condition("Ready", ready, "ContainersNotReady"),
                 self._condition("ContainersReady", ready, "ContainersNotReady"),
                 *scheduled,
+                *(
+                    c
+                    for c in self.pod.get("status", {}).get("conditions", [])
+                    if c["type"] not in KUBELET_CONDITIONS
+                ),
             ],
             "containerStatuses": [r.status() for r in self.runs],
         }

@@ -48,4 +48,26 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ ternary "mandatory" "standalone" (not (not $op.peering.enabled)) | quote }}
 - name: OPTRUN_OPERATOR_PEERING_LIFETIME_SECONDS
   value: {{ $op.peering.lifetimeSeconds | quote }}
+- name: OPTRUN_OPERATOR_RETRY_BACKOFF_SECONDS
+  value: {{ $op.retries.backoffSeconds | quote }}
+- name: OPTRUN_OPERATOR_RETRY_BACKOFF_MAX_SECONDS
+  value: {{ $op.retries.backoffMaxSeconds | quote }}
+- name: OPTRUN_OPERATOR_IMAGE_PULL_TIMEOUT_SECONDS
+  value: {{ $op.retries.imagePullTimeoutSeconds | quote }}
+{{- $hook := .Values.webhook }}
+- name: OPTRUN_OPERATOR_WEBHOOK
+  # serve: the chart installs the configuration, the Service and the certificate (webhook-*.yaml).
+  value: {{ ternary "serve" "off" (not (not $hook.enabled)) | quote }}
+- name: OPTRUN_OPERATOR_WEBHOOK_PORT
+  value: {{ $hook.port | quote }}
+- name: OPTRUN_OPERATOR_WEBHOOK_ADDRESS
+  value: "0.0.0.0"
+- name: OPTRUN_OPERATOR_WEBHOOK_HOST
+  value: {{ printf "%s.%s.svc" (include "optrun.suffixed" (list . "webhook")) .Release.Namespace | quote }}
+- name: OPTRUN_OPERATOR_WEBHOOK_CERT_DIR
+  value: /etc/optrun/webhook
+- name: OPTRUN_OPERATOR_WEBHOOK_CONFIGURATION
+  value: {{ include "optrun.webhookConfiguration" . | quote }}
+- name: OPTRUN_OPERATOR_WEBHOOK_FAILURE_POLICY
+  value: {{ $hook.failurePolicy | quote }}
 {{- end }}

@@ -116,3 +116,8 @@ Called with (list . <the object's labels>).
 {{- define "optrun.peering" -}}
 {{- if or .Values.operator.peering.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
 {{- end }}
+
+{{/* The ValidatingWebhookConfiguration's name (cluster-scoped: the release namespace keeps two installs apart). */}}
+{{- define "optrun.webhookConfiguration" -}}
+{{- printf "%s-%s" (include "optrun.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.chart.helmtool import REPO, Helm, merged, node_agent_values
+from tests.integration.chart.helmtool import REPO, Helm, free_port, merged, node_agent_values
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -74,12 +74,68 @@ def test_install_run_to_a_decision_upgrade_rolls_the_operator_and_uninstall_clea
     assets: Any, cluster: Any, kubectl: Any, node_agent: Any, namespace: str, release: str, tmp_path: Path
 ) -> None:
     helm = Helm(assets.helm, cluster.kubeconfig)
-    values = merged(node_agent_values(namespace), {"crds": {"enabled": True, "keep": True}})
+    port = free_port()  # the webhook's: container port and Service port alike (see _webhook)
+    values = merged(
+        node_agent_values(namespace),
+        {"crds": {"enabled": True, "keep": True}, "webhook": {"port": port, "servicePort": port}},
+    )
+    # What a 1.21+ API server labels every namespace with; the webhook selects the watched ones by it.
+    kubectl("label", "namespace", namespace, f"kubernetes.io/metadata.name={namespace}", "--overwrite")
     helm.install(release, namespace, values)
     try:
         _lifecycle(helm, kubectl, node_agent, namespace, release, values, tmp_path)
     finally:
         helm.uninstall(release, namespace, check=False)
+
+
+def _webhook(kubectl: Any, ns: str, release: str, port: int, tmp: Path, operator_log: Any) -> None:
+    """kubectl apply of a bad run fails naming the field, through the chart's webhook configuration,
+    Service and certificate. The node agent runs pods in the host's network and has no Service
+    proxy, so the test stands in for kube-proxy: the chart's Service is replaced by an ExternalName
+    one (the API server resolves those itself) pointing at the host, on the port the operator pod
+    listens on; the API server still verifies the chart's certificate for <service>.<ns>.svc."""
+    service = f"{release}-webhook"
+    config = _json(kubectl, "get", "validatingwebhookconfiguration", f"{release}-{ns}")
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["service"] == {
+        "name": service,
+        "namespace": ns,
+        "path": "/validate-run",
+        "port": port,
+    }
+    assert hook["clientConfig"]["caBundle"] and hook["failurePolicy"] == "Fail"
+    kubectl("delete", "service", service, "-n", ns)
+    external = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service, "namespace": ns},
+        "spec": {
+            "type": "ExternalName",
+            "externalName": "localhost",
+            "ports": [{"name": "webhook", "port": port}],
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(external))
+    bad = shrunk_quickstart("misspelt")
+    bad["spec"]["training"]["epochz"] = 2
+    path = tmp / "misspelt.yaml"
+    path.write_text(yaml.safe_dump(bad))
+
+    def refused() -> str | None:  # the denial, once the operator serves the webhook
+        out = kubectl("apply", "-n", ns, "-f", str(path), check=False)
+        assert out.returncode != 0, "the misspelt run was admitted"
+        return out.stderr if "denied the request" in out.stderr else None
+
+    denial = wait_for(
+        refused, timeout=60, interval=1, message=lambda: "the webhook's denial; " + operator_log()
+    )
+    assert "spec.training.epochz: unknown field; allowed: epochs" in denial, denial
+    order = shrunk_quickstart("disordered")
+    order["spec"]["acceptance"].update(targetPassRate=0.8, minimumPassRate=0.9)
+    path.write_text(yaml.safe_dump(order))
+    out = kubectl("apply", "-n", ns, "-f", str(path), check=False)
+    assert out.returncode != 0 and "minimumPassRate must not exceed targetPassRate" in out.stderr, out.stderr
+    kubectl("delete", "service", service, "-n", ns)  # the next `helm upgrade` puts the chart's back
 
 
 def _lifecycle(
@@ -116,6 +172,8 @@ def _lifecycle(
 
     assert can("create", "pods") and can("patch", "optimizationruns.optrun.io/status")
     assert not can("get", "secrets") and not can("create", "deployments.apps")  # least privilege
+
+    _webhook(kubectl, ns, release, values["webhook"]["port"], tmp, operator_log)
 
     # A run: the quickstart, shrunk.
     manifest = tmp / "run.yaml"

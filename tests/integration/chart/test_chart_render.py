@@ -144,6 +144,8 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
     kinds = sorted({d["kind"] for d in docs})
     expected = {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ServiceMonitor"}
     expected |= {"PodMonitor", "PrometheusRule", "ConfigMap", "PodDisruptionBudget", "ClusterRole"}
+    expected |= {"ValidatingWebhookConfiguration", "Secret"}  # the admission webhook
+    expected |= {"NetworkPolicy"} if watched else set()  # in each watched namespace
     expected |= (
         {"Role", "RoleBinding", "KopfPeering"} if watched else {"ClusterRoleBinding", "ClusterKopfPeering"}
     )

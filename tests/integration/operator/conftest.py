@@ -207,12 +207,38 @@ def grant_operator_rbac(kube: Any, namespace: str, *, clusterwide: bool = False)
             rbac_api.create_cluster_role_binding(doc)
 
 
+def grant_managed_webhook_rbac(kube: Any, namespace: str) -> str:
+    """What `--webhook managed` needs beyond RULES (rbac.MANAGED_WEBHOOK_RULES), as a ClusterRole
+    bound to the operator's account; returns its name."""
+    rbac_api = k8s.RbacAuthorizationV1Api(kube)
+    name = f"optrun-webhook-{namespace}"[:63]
+    rules = [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in rbac.MANAGED_WEBHOOK_RULES]
+    rbac_api.create_cluster_role({"metadata": {"name": name}, "rules": rules})
+    rbac_api.create_cluster_role_binding(
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}],
+        }
+    )
+    return name
+
+
 def revoke_cluster_rbac(kube: Any, namespace: str) -> None:
     rbac_api = k8s.RbacAuthorizationV1Api(kube)
     with contextlib.suppress(ApiException):
         rbac_api.delete_cluster_role_binding(f"optrun-operator-{namespace}")
     with contextlib.suppress(ApiException):
         rbac_api.delete_cluster_role(f"optrun-operator-{namespace}")
+    for name in (f"optrun-webhook-{namespace}"[:63],):
+        with contextlib.suppress(ApiException):
+            rbac_api.delete_cluster_role_binding(name)
+        with contextlib.suppress(ApiException):
+            rbac_api.delete_cluster_role(name)
+    with contextlib.suppress(ApiException):
+        k8s.AdmissionregistrationV1Api(kube).delete_validating_webhook_configuration(
+            f"{namespace}.optrun.io"[:253]
+        )
 
 
 @pytest.fixture
@@ -228,15 +254,27 @@ def start_operator(
         clusterwide: bool = False,
         grant: bool = True,
         name: str = "operator",
+        api_server: str | None = None,
         **settings: Any,
     ) -> OperatorProcess:
+        """`api_server`: the URL the operator's kubeconfig names instead of the API server's (a
+        proxy in front of it, with a certificate the cluster CA signed)."""
         if grant:
             grant_operator_rbac(kube, namespace, clusterwide=clusterwide)
-            if clusterwide:
+            if clusterwide or settings.get("webhook") == "managed":
                 clusterwide_namespaces.append(namespace)
+            if settings.get("webhook") == "managed":
+                grant_managed_webhook_rbac(kube, namespace)
+                # One configuration per test, named after its namespace (removed afterwards).
+                settings.setdefault("webhook_configuration", f"{namespace}.optrun.io")
+                settings.setdefault("webhook_port", free_port())
         kubeconfig = cluster.service_account_kubeconfig(
             namespace, SERVICE_ACCOUNT, tmp_path / f"{name}.kubeconfig"
         )
+        if api_server is not None:
+            doc = yaml.safe_load(kubeconfig.read_text())
+            doc["clusters"][0]["cluster"]["server"] = api_server
+            kubeconfig.write_text(yaml.safe_dump(doc))
         port = free_port()
         values = {
             "namespaces": "" if clusterwide else namespace,
@@ -249,6 +287,10 @@ def start_operator(
             # Pods share the host's network under the node agent: each runtime listens on its own IP.
             "runtime_metrics_address": "$(POD_IP)",
             "termination_grace_seconds": 15,
+            # A test that asks for the webhook says so (webhook="managed"): it needs RBAC on
+            # ValidatingWebhookConfigurations, which the operator's namespace Role cannot give.
+            "webhook": "off",
+            "retry_backoff_seconds": 1,
             **settings,
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPTRUN_OPERATOR_")}

@@ -292,3 +292,44 @@ def test_generated_invalid_manifests_are_each_rejected_naming_the_field(
         assert names(mutation, status["message"]), (mutation, status["message"])
     assert not runs.core.list_namespaced_pod(namespace).items, "no pod for an invalid run"
     assert operator.alive and operator.starts == 1, "the operator never crashed"
+
+
+def test_with_the_webhook_every_generated_invalid_manifest_is_refused_at_the_door(
+    start_operator: Any, runs: Runs, namespace: str, kube: Any
+) -> None:
+    from kubernetes import client as k8s
+
+    operator = start_operator(namespace, webhook="managed")
+    admission = k8s.AdmissionregistrationV1Api(kube)
+    wait_for(
+        lambda: admission.read_validating_webhook_configuration(f"{namespace}.optrun.io").webhooks,
+        timeout=30,
+        message="the operator to register its webhook",
+    )
+    base = _base(tiny_spec(resources={"gpus": 16}))
+    counter = itertools.count()
+    refused: list[str] = []
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(ANY_MUTATION)
+    def one(mutation: Mutation) -> None:
+        spec = mutation.apply(base)
+        try:
+            runs.create(f"bad-{next(counter)}", spec)
+        except ApiException as err:
+            assert err.status == 422, (mutation, err.body)
+            message = json.loads(err.body)["message"]
+            assert names(mutation, message), (mutation, message)
+            refused.append(mutation.kind)
+            return
+        raise AssertionError(f"stored past the webhook: {mutation}")
+
+    one()
+    assert "cross-field" in refused, "the rules a schema cannot express were refused at the door too"
+    items = runs.objects.list_namespaced_custom_object("optrun.io", "v1alpha1", namespace, "optimizationruns")
+    assert not items["items"] and operator.alive

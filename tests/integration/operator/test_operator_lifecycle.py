@@ -17,7 +17,7 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
-ALL_CONDITIONS = {"Scheduled", "Running", "SafetyGatesPassed", "AcceptancePassed", "Complete"}
+ALL_CONDITIONS = {"Ready", "Scheduled", "Running", "SafetyGatesPassed", "AcceptancePassed", "Complete"}
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -35,7 +35,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_small_run_goes_pending_running_succeeded_with_go_and_every_condition_true(
+def test_small_run_goes_pending_running_succeeded_with_go_ready_and_the_runtime_finished(
     start_operator: Any, runs: Runs, kubectl: Any, namespace: str
 ) -> None:
     operator = start_operator(namespace)
@@ -48,7 +48,13 @@ def test_small_run_goes_pending_running_succeeded_with_go_and_every_condition_tr
     assert status["decision"] == "GO", status["message"]
     conditions = runs.conditions("small")
     assert set(conditions) == ALL_CONDITIONS
-    assert {t: c["status"] for t, c in conditions.items()} == dict.fromkeys(ALL_CONDITIONS, "True")
+    # A finished run: Ready (kstatus, Flux, Argo CD read it), the runtime no longer running.
+    assert {t: c["status"] for t, c in conditions.items()} == {
+        **dict.fromkeys(ALL_CONDITIONS, "True"),
+        "Running": "False",
+    }
+    assert conditions["Running"]["reason"] == "RuntimeFinished"
+    assert conditions["Ready"]["reason"] == "DecisionGo"
     assert all(c["observedGeneration"] == 1 for c in conditions.values())
     assert conditions["Complete"]["reason"] == "DecisionGo"
     assert status["attempts"] == 1 and status["podName"] == "small-attempt-1"

@@ -26,8 +26,15 @@ SPEC: dict[str, Any] = {
 }
 
 
-def config() -> OperatorConfig:
-    return OperatorConfig(runtime_image="registry.example/optrun-runtime:test", live_gate_grace_seconds=30)
+def config(**changes: Any) -> OperatorConfig:
+    """The operator's defaults, but no back-off between attempts unless a test asks for one."""
+    values = {
+        "runtime_image": "registry.example/optrun-runtime:test",
+        "live_gate_grace_seconds": 30,
+        "retry_backoff_seconds": 0,
+        **changes,
+    }
+    return OperatorConfig(**values)
 
 
 def run_body(
@@ -166,6 +173,8 @@ def observe(
     sample: Any = None,
     now: dt.datetime = NOW,
     changes: tuple[str, ...] = (),
+    scrape_error: str | None = None,
+    started_spec: dict[str, Any] | None = None,
 ) -> Any:
     """The reconcile's input: the run, its pods as PodViews, pods confirmed deleted."""
     from optrun.operator.pods import PodView
@@ -174,7 +183,15 @@ def observe(
     views = {p["metadata"]["name"]: PodView.from_pod(p) for p in pods}
     for name in gone:
         views[name] = PodView.gone(name, int(name.rsplit("-", 1)[1]))
-    return Observed(run=run, pods=views, now=now, sample=sample, spec_changes=changes)
+    return Observed(
+        run=run,
+        pods=views,
+        now=now,
+        sample=sample,
+        spec_changes=changes,
+        scrape_error=scrape_error,
+        started_spec=started_spec,
+    )
 
 
 def applied(run: dict[str, Any], plan: Any) -> dict[str, Any]:

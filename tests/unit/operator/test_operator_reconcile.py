@@ -144,22 +144,26 @@ def test_a_running_pod_makes_the_run_running_with_progress_from_the_scrape(
 # --- the result -------------------------------------------------------------------------------------
 
 
-def test_a_go_result_succeeds_the_run_with_every_condition_true(cfg: OperatorConfig, pod: PodFactory) -> None:
+def test_a_go_result_succeeds_the_run_ready_with_the_runtime_no_longer_running(
+    cfg: OperatorConfig, pod: PodFactory
+) -> None:
     run = started(cfg)
+    assert conditions(run)["Ready"] == ("Unknown", "InProgress")
     done = pod(1, "succeeded", message=result_message())
     plan = rec.reconcile(observe(run, [done]), cfg)
     new = applied(run, plan)
     status = new["status"]
     assert (status["phase"], status["decision"]) == ("Succeeded", "GO")
-    assert set(conditions(new)) == {
-        "Scheduled",
-        "Running",
-        "SafetyGatesPassed",
-        "AcceptancePassed",
-        "Complete",
+    assert conditions(new) == {
+        "Ready": ("True", "DecisionGo"),
+        "Scheduled": ("True", "Scheduled"),
+        "Running": ("False", "RuntimeFinished"),
+        "SafetyGatesPassed": ("True", "GatesHeld"),
+        "AcceptancePassed": ("True", "AcceptanceTargetMet"),
+        "Complete": ("True", "DecisionGo"),
     }
-    assert all(state == "True" for state, _ in conditions(new).values())
-    assert conditions(new)["Complete"] == ("True", "DecisionGo")
+    assert status["conditions"][0]["type"] == "Ready"  # the summary first
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
     assert status["passRate"] == 1.0 and status["acceptance"]["collected"] == 23
     assert status["completionTime"] == stamp(0)
     assert "DecisionGo" in reasons(plan)
@@ -250,8 +254,8 @@ def test_success_without_a_result_is_no_success_and_the_attempt_is_retried(
     [
         ({"exit_code": 1, "message": "Traceback...\nRuntimeError: CUDA error"}, "RuntimeError"),
         ({"exit_code": 137, "reason": "OOMKilled"}, "OOMKilled"),
-        ({"exit_code": 143, "pod_reason": "Evicted"}, "Evicted"),
         ({"exit_code": 143, "deleting": True}, "PodDeleted"),
+        ({"exit_code": 124, "message": "step 7\nHangDetected: no progress for 31s"}, "HangDetected"),
     ],
 )
 def test_a_failed_attempt_is_retried_as_the_next_attempt(
@@ -328,11 +332,15 @@ def test_a_starting_runtime_gets_the_startup_allowance_before_the_hang_gate(
     spec = copy.deepcopy(SPEC)
     spec["safety"] = {"hangTimeoutSeconds": 30}
     run = started(cfg, spec)
+    serving = Sample(stage="detect")  # /metrics answers, no progress reported yet
     # 60 s after start without any progress report: importing, not hung (allowance 120 s).
-    plan = rec.reconcile(observe(run, [pod(1, "running", started_seconds_ago=60)]), cfg)
+    plan = rec.reconcile(observe(run, [pod(1, "running", started_seconds_ago=60)], sample=serving), cfg)
     assert plan.delete_pods == []
     plan = rec.reconcile(
-        observe(run, [pod(1, "running", started_seconds_ago=cfg.runtime_startup_seconds + 1)]), cfg
+        observe(
+            run, [pod(1, "running", started_seconds_ago=cfg.runtime_startup_seconds + 1)], sample=serving
+        ),
+        cfg,
     )
     assert plan.delete_pods == ["demo-attempt-1"]
     running = next(c for c in applied(run, plan)["status"]["conditions"] if c["type"] == "Running")
@@ -454,21 +462,56 @@ def test_a_run_being_deleted_is_left_to_the_garbage_collector(cfg: OperatorConfi
 # --- spec edits while running ---------------------------------------------------------------------------
 
 
-def test_a_spec_edit_while_running_is_reported_by_field(cfg: OperatorConfig, pod: PodFactory) -> None:
+def _started_spec(run: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+    """The spec the run's ConfigMap holds (what the controller reads back)."""
+    import yaml
+
+    from optrun.operator import builders
+
+    cm = builders.configmap(builders.Run.from_body(run), cfg)
+    return dict(yaml.safe_load(cm["data"]["run.yaml"])["spec"])
+
+
+def test_a_spec_edit_while_running_is_reported_by_field_and_an_ignored_one_is_not_acted_on(
+    cfg: OperatorConfig, pod: PodFactory
+) -> None:
     run = started(cfg)
+    before = _started_spec(run, cfg)
     run["metadata"]["generation"] = 2
+    run["spec"]["training"]["epochs"] = 3
+    run["spec"]["resources"]["memory"] = "8Gi"
+    run["spec"]["backoffLimit"] = 5
     changes = (
         "spec.training.epochs",
         "spec.resources.memory",
         "spec.backoffLimit",
         "spec.safety.hangTimeoutSeconds",
     )
-    plan = rec.reconcile(observe(run, [pod(1, "running")], changes=changes), cfg)
+    plan = rec.reconcile(observe(run, [pod(1, "running")], changes=changes, started_spec=before), cfg)
     events = {e.reason: e for e in plan.events}
     assert events["SpecChangeIgnored"].type == "Warning"
     assert "spec.training.epochs" in events["SpecChangeIgnored"].message
     assert "backoffLimit" not in events["SpecChangeIgnored"].message
     assert "spec.resources.memory" in events["SpecChangeDeferred"].message
+    new = applied(run, plan)
+    # The spec as written (epochs 3) is not what the run does: generation 2 was not acted on.
+    assert new["status"]["observedGeneration"] == 1
+    assert all(c["observedGeneration"] == 1 for c in new["status"]["conditions"])
+
+    # Put back, the spec is one the run acts on again: generation 3 is.
+    new["metadata"]["generation"] = 3
+    new["spec"]["training"]["epochs"] = before["training"]["epochs"]
+    plan = rec.reconcile(observe(new, [pod(1, "running")], started_spec=before), cfg)
+    assert applied(new, plan)["status"]["observedGeneration"] == 3
+
+
+def test_an_edit_of_fields_a_started_run_may_change_is_acted_on(cfg: OperatorConfig, pod: PodFactory) -> None:
+    run = started(cfg)
+    before = _started_spec(run, cfg)
+    run["metadata"]["generation"] = 2
+    run["spec"]["backoffLimit"] = 5
+    run["spec"]["resources"]["memory"] = "8Gi"
+    plan = rec.reconcile(observe(run, [pod(1, "running")], started_spec=before), cfg)
     assert applied(run, plan)["status"]["observedGeneration"] == 2
 
 
