@@ -97,7 +97,7 @@ def problems(doc: dict[str, Any]) -> list[str]:
         pytest.param(
             {"trainig": {"epochs": 3}},
             "spec.trainig: unknown field; allowed: workload, optimizations, training, rlvr, safety, "
-            "acceptance, faults, resources, scheduling, volumes, image, backoffLimit, activeDeadlineSeconds, "
+            "acceptance, faults, resources, scheduling, distributed, volumes, image, backoffLimit, activeDeadlineSeconds, "
             "ttlSecondsAfterFinished, suspend",
             id="unknown-field",
         ),
