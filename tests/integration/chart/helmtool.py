@@ -163,9 +163,14 @@ class Helm:
 
 
 def apply_crds(kubectl: Any, *paths: Path) -> None:
-    """Create or update CRDs and wait until each is Established (its REST endpoint serves)."""
+    """Create or update CRDs and wait until each is Established (its REST endpoint serves).
+
+    `--validate=false`, as the docs tell users of API servers before 1.25 (this control plane is
+    1.20): the generated CRD carries CEL rules (x-kubernetes-validations), which kubectl's
+    validation against such a server's OpenAPI refuses (server-side apply refuses them too),
+    while a client-side apply without validation lets the server drop the field it does not know."""
     for path in paths:
-        kubectl("apply", "-f", str(path))
+        kubectl("apply", "--validate=false", "-f", str(path))
     names = [d["metadata"]["name"] for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
 
     def established(name: str) -> bool:
