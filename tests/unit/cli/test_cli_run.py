@@ -99,7 +99,9 @@ def test_sigterm_checkpoints_and_exits_143_and_the_rerun_resumes(tmp_path: Path)
     assert "Run the same command again to resume" in log.read_text()
     stopped = [e for e in events(out / "metrics.jsonl") if e["event"] == "checkpoint"][-1]["step"]
     assert 0 < stopped < 150
-    assert (out / "checkpoints" / f"step-{stopped:09d}" / "meta.pt").exists()  # complete: meta.pt is written last
+    assert (
+        out / "checkpoints" / f"step-{stopped:09d}" / "meta.pt"
+    ).exists()  # complete: meta.pt is written last
     assert not (out / "report.json").exists()
 
     again = subprocess.run(command, env=child_env(), cwd=ROOT, text=True, capture_output=True, timeout=300)
