@@ -65,7 +65,7 @@ def test_kubectl_apply_of_a_bad_run_fails_naming_the_field_with_the_operator_run
     assert hook.client_config.url.startswith("https://127.0.0.1:")
     assert hook.failure_policy == "Fail" and hook.side_effects == "None"
 
-    misspelt = tiny_spec(resources={"gpus": 16})
+    misspelt = tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16})
     misspelt["training"]["epochz"] = 2
     weights = tiny_spec(acceptance={"weights": {"passRate": 0.5}})
     order = tiny_spec(acceptance={"targetPassRate": 0.8, "minimumPassRate": 0.9})
@@ -87,13 +87,15 @@ def test_kubectl_apply_of_a_bad_run_fails_naming_the_field_with_the_operator_run
     )["items"], "nothing was stored"
 
     # A good run is admitted and started (16 GPUs: it stays Pending, no runtime needed).
-    good = manifest("good", tiny_spec(resources={"gpus": 16}))
+    good = manifest("good", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
     out = apply(kubectl, tmp_path, namespace, good)
     assert out.returncode == 0, out.stderr
     wait_for(lambda: runs.status("good").get("attempts") == 1, message="the first attempt")
 
     # Once started, the training spec may not change; suspend, deadline and TTL may.
-    edited = manifest("good", tiny_spec(resources={"gpus": 16}, training={"epochs": 3}))
+    edited = manifest(
+        "good", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}, training={"epochs": 3})
+    )
     out = apply(kubectl, tmp_path, namespace, edited)
     assert (
         out.returncode != 0 and "spec.training.epochs: may not change once the run has started" in out.stderr
@@ -102,7 +104,10 @@ def test_kubectl_apply_of_a_bad_run_fails_naming_the_field_with_the_operator_run
     allowed = manifest(
         "good",
         tiny_spec(
-            resources={"gpus": 16, "memory": "3Gi"}, activeDeadlineSeconds=900, ttlSecondsAfterFinished=60
+            workload={"batchSize": 16},
+            resources={"gpus": 16, "memory": "3Gi"},
+            activeDeadlineSeconds=900,
+            ttlSecondsAfterFinished=60,
         ),
     )
     out = apply(kubectl, tmp_path, namespace, allowed)

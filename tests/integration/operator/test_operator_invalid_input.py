@@ -237,7 +237,9 @@ def test_generated_invalid_manifests_are_each_rejected_naming_the_field(
     start_operator: Any, runs: Runs, namespace: str
 ) -> None:
     operator = start_operator(namespace)
-    base = _base(tiny_spec(resources={"gpus": 16}))  # were one accepted, its pod would stay Pending
+    base = _base(
+        tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16})
+    )  # were one accepted, its pod would stay Pending
     assert not invalid(base), "the base manifest must be valid"
     counter = itertools.count()
     by_schema: list[Mutation] = []
@@ -306,7 +308,7 @@ def test_with_the_webhook_every_generated_invalid_manifest_is_refused_at_the_doo
         timeout=30,
         message="the operator to register its webhook",
     )
-    base = _base(tiny_spec(resources={"gpus": 16}))
+    base = _base(tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
     counter = itertools.count()
     refused: list[str] = []
 

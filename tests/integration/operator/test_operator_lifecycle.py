@@ -166,7 +166,7 @@ def test_a_run_that_cannot_be_scheduled_says_so_within_seconds(
     start_operator: Any, runs: Runs, namespace: str
 ) -> None:
     start_operator(namespace)
-    runs.create("huge", tiny_spec(resources={"gpus": 16}))
+    runs.create("huge", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
 
     def unschedulable() -> dict[str, Any] | None:
         c = runs.conditions("huge").get("Scheduled")
@@ -183,7 +183,9 @@ def test_deleting_a_run_removes_its_pod_and_configmap(
     start_operator: Any, runs: Runs, namespace: str
 ) -> None:
     start_operator(namespace)
-    runs.create("doomed", tiny_spec(resources={"gpus": 16}))  # stays Pending: no runtime needed
+    runs.create(
+        "doomed", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16})
+    )  # stays Pending: no runtime needed
     wait_for(lambda: runs.pods("doomed"), message="the run's pod")
     core = runs.core
     assert core.read_namespaced_config_map("doomed-spec", namespace).immutable is True
@@ -285,7 +287,7 @@ def test_cluster_wide_operator_with_only_the_cluster_role_handles_a_run_and_peer
     )
     try:
         start_operator(namespace, clusterwide=True, peering_mode="mandatory", peering_name=name)
-        runs.create("anywhere", tiny_spec(resources={"gpus": 16}))
+        runs.create("anywhere", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
         wait_for(lambda: runs.pods("anywhere"), message="the cluster-wide operator to create the pod")
         wait_for(
             lambda: (runs.conditions("anywhere").get("Scheduled") or {}).get("reason") == "Unschedulable",

@@ -86,7 +86,7 @@ def test_api_server_restarted_during_a_run_the_operator_reconnects_and_the_run_f
     assert status["attempts"] == 1
     assert operator.alive and operator.starts == 1, "the same operator process saw it through"
     # And it still acts on what happens after the restart.
-    runs.create("after-restart", tiny_spec(resources={"gpus": 16}))
+    runs.create("after-restart", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
     wait_for(
         lambda: runs.pods("after-restart"), timeout=30, message="a pod for a run created after the restart"
     )
@@ -115,14 +115,14 @@ def test_standby_replica_takes_over_when_the_active_one_is_killed(
     wait_for(both_replicas_keep_alive, timeout=30, message="both replicas' keep-alives in the KopfPeering")
 
     # Runs that stay Pending (no runtime needed): only the active replica acts.
-    runs.create("before", tiny_spec(resources={"gpus": 16}))
+    runs.create("before", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
     wait_for(lambda: runs.pods("before"), message="the active replica to create the pod")
     assert "optrun_operator_attempts_total 1.0" in active.metrics()
     assert "optrun_operator_attempts_total 0.0" in standby.metrics()
 
     active.kill()
     killed = time.monotonic()
-    runs.create("after", tiny_spec(resources={"gpus": 16}))
+    runs.create("after", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16}))
     wait_for(lambda: runs.pods("after"), timeout=lifetime * 4 + 30, message=standby.tail)
     takeover = time.monotonic() - killed
     print(f"takeover after SIGKILL: {takeover:.1f}s (peering lifetime {lifetime}s)")

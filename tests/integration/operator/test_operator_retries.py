@@ -183,7 +183,9 @@ def test_an_ignored_edit_of_a_started_run_does_not_advance_observed_generation(
     start_operator: Any, runs: Runs, namespace: str
 ) -> None:
     start_operator(namespace)  # no webhook: the edit gets into the stored object
-    runs.create("edited", tiny_spec(resources={"gpus": 16}))  # stays Pending: no runtime needed
+    runs.create(
+        "edited", tiny_spec(workload={"batchSize": 16}, resources={"gpus": 16})
+    )  # stays Pending: no runtime needed
     wait_for(lambda: runs.status("edited").get("observedGeneration") == 1, message="generation 1 acted on")
     runs.patch_spec("edited", {"training": {"epochs": 4}})
     runs.wait_events("edited", "SpecChangeIgnored")
