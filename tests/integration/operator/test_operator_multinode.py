@@ -97,8 +97,11 @@ def test_one_pod_killed_mid_run_restarts_the_group_from_the_checkpoint(
     assert (status["attempts"], status["failedAttempts"]) == (2, 1)
     assert status["pods"] == ["group-attempt-2-0", "group-attempt-2-1"]
     names = [p.metadata.name for p in runs.pods("group")]
-    # The operator stopped pod 0 of attempt 1 (deleted, so gone); the killed pod stays, Failed.
-    assert names == ["group-attempt-1-1", "group-attempt-2-0", "group-attempt-2-1"], names
+    # The operator stopped pod 0 of attempt 1 (deleted, so gone); the killed pod stays, Failed. Pod 1
+    # of attempt 2 may still be leaving torchrun's exit barrier when pod 0's result is in: the
+    # operator deletes what still runs of a finished run.
+    assert names[:2] == ["group-attempt-1-1", "group-attempt-2-0"], names
+    assert set(names) <= {"group-attempt-1-1", "group-attempt-2-0", "group-attempt-2-1"}, names
     killed = runs.pods("group")[0]
     assert killed.status.container_statuses[0].state.terminated.exit_code == 137
     # Every pod of attempt 2 resumed from the checkpoint attempt 1 left on the shared claim.
