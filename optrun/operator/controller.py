@@ -487,6 +487,12 @@ class Controller:
         try:
             updated = self.kube.replace_status(namespace, name, status, uid=uid)
         except ApiError as err:
+            if err.code == 422:
+                # The uid test failed (a new run of the same name), or the API server refuses the
+                # status itself: a bug of the operator's, never to pass in silence.
+                log.warning(
+                    "%s/%s: status not written (a new run of this name, or refused): %s", namespace, name, err
+                )
             if err.code in (404, 409, 422):
                 return False  # deleted meanwhile (or replaced by a new run of the same name)
             self.cache.stage_status(uid, status)  # unless a newer one came: we hold the lock

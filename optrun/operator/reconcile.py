@@ -210,8 +210,8 @@ class _Reconciler:
     def finish(self) -> Plan:
         self.new.observed_generation = self.acted
         self.cond(READY, *status.ready(self.new))
-        old = self.old.model_dump(mode="json", by_alias=True, exclude_none=True)
-        new = self.new.model_dump(mode="json", by_alias=True, exclude_none=True)
+        old = status.omit_empty(self.old.model_dump(mode="json", by_alias=True, exclude_none=True))
+        new = status.omit_empty(self.new.model_dump(mode="json", by_alias=True, exclude_none=True))
         if new != old:
             self.out.status = new
         seen: set[str] = set()
