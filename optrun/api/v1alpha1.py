@@ -789,6 +789,17 @@ class Scheduling(Spec):
         default_factory=list, max_length=32, description="Extra tolerations."
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
+    runtime_class_name: str | None = Field(
+        None, max_length=253, description="RuntimeClass of the runtime pods (e.g. nvidia)."
+    )
+    service_account_name: str | None = Field(
+        None,
+        max_length=253,
+        description="ServiceAccount of the runtime pods (its token is not mounted: the runtime never calls the API).",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, max_length=16, description="Secrets (by name) the kubelet pulls the image with."
+    )
 
 
 class OptimizationRunSpec(Spec):
@@ -853,6 +864,14 @@ class OptimizationRunSpec(Spec):
             raise ValueError(
                 f"workload.batchSize {self.workload.batch_size} does not split evenly over {world} ranks "
                 f"(distributed.nodes x processesPerNode); allowed: a multiple of {world}"
+            )
+        if self.distributed.nodes > 1 and not self.training.checkpoint.claim_name:
+            # Every pod writes its shards into the same checkpoint directory and a restarted group
+            # resumes from it: a pod's own emptyDir would leave each node a different history.
+            raise ValueError(
+                f"distributed.nodes {self.distributed.nodes} needs training.checkpoint.claimName: a "
+                "PersistentVolumeClaim every pod mounts (ReadWriteMany) for the checkpoints and the report; "
+                "allowed: a claim name, or distributed.nodes 1"
             )
         if self.distributed.strategy == "fsdp" and self.workload.precision == "fp16":
             raise ValueError(
@@ -976,7 +995,13 @@ class OptimizationRunStatus(Status):
         json_schema_extra=DATE_TIME,
         description="When the next attempt starts, after the back-off that follows a failed one (RFC 3339).",
     )
-    pod_name: str | None = Field(None, description="Current or last runtime pod.")
+    pod_name: str | None = Field(
+        None, description="Current or last runtime pod (rank 0's in a multi-node run)."
+    )
+    pods: list[str] = Field(
+        default_factory=list,
+        description="The runtime pods of the current or last attempt, by node index (index 0 hosts rank 0).",
+    )
     start_time: str | None = Field(
         None, json_schema_extra=DATE_TIME, description="When the first attempt started (RFC 3339)."
     )
@@ -1026,6 +1051,15 @@ def parse_manifest(doc: dict[str, Any]) -> OptimizationRunSpec:
     except ValidationError as exc:  # turned into field-named lines
         problems += manifest_errors(exc, prefix="spec", model=OptimizationRunSpec)
         raise ManifestError(problems) from None
+    nodes = spec.distributed.nodes
+    if nodes > 1 and name and not re.fullmatch(rf"[a-z][-a-z0-9]{{0,{61 - len(str(nodes - 1))}}}", str(name)):
+        # The pods' hostnames are <name>-<index> and their headless Service is <name>: DNS labels
+        # of at most 63 characters, and a Service name starts with a letter.
+        problems.append(
+            f"metadata.name: {name!r} cannot name a run of spec.distributed.nodes {nodes} (pod hostnames "
+            f"<name>-<index>, Service <name>); allowed: a DNS label starting with a letter, at most "
+            f"{62 - len(str(nodes - 1))} characters"
+        )
     if problems:
         raise ManifestError(problems)
     return spec

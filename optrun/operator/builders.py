@@ -18,6 +18,12 @@ of the same namespace can name it as its baseline (`spec.acceptance.baseline.run
 pods mount it, optional (a baseline that has not succeeded is a failed test of the runtime's,
 not a pod that cannot start), and the runtime reads it at `BASELINE_ENV`.
 
+A run of `spec.distributed.nodes` N > 1 has N pods per attempt (`<run>-attempt-<n>-<index>`), each
+with the stable hostname `<run>-<index>` in the subdomain of the run's headless Service `<run>`
+(`service`), so `<run>-0.<run>` names pod 0 in every attempt. Each pod runs torchrun with a c10d
+rendezvous hosted by pod 0 (`rendezvous_args`); global rank 0, which writes the result, is on
+pod 0. The pods of an attempt form a Kueue pod group (admitted whole, as a gang).
+
 Nothing here talks to the API server; `optrun.operator.reconcile` decides what to create.
 """
 
@@ -40,6 +46,14 @@ from optrun.operator.config import OperatorConfig
 LABEL_RUN = "optrun.io/run"
 LABEL_RUN_UID = "optrun.io/run-uid"
 LABEL_ATTEMPT = "optrun.io/attempt"
+LABEL_INDEX = "optrun.io/node-index"  # the pod's place in a multi-node attempt (0 hosts rank 0)
+# Kueue's plain-pod groups: pods sharing the group label are admitted together once the
+# annotated count of them exists (https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/).
+KUEUE_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+# The run's labels and annotations under these prefixes reach its pods: what a batch scheduler
+# reads from a pod (Kueue's queue-name and priority-class, a coscheduling pod group).
+SCHEDULER_PREFIXES = ("kueue.x-k8s.io/", "scheduling.x-k8s.io/")
 MANAGED_BY = "optrun-operator"
 
 CONTAINER = "runtime"
@@ -48,6 +62,8 @@ SPEC_DIR = "/etc/optrun"
 SPEC_FILE = "run.yaml"
 OUTPUT_DIR = "/var/lib/optrun"  # the checkpoint volume: checkpoints/ and the report
 SCRATCH_DIR = "/scratch"  # writable scratch under a read-only root filesystem
+SHM_DIR = "/dev/shm"  # memory-backed: NCCL and torch's worker processes share memory through it
+RENDEZVOUS_PORT_NAME = "rendezvous"
 TERMINATION_LOG = "/dev/termination-log"
 RESULT_FILE = "result.json"  # the key of <run>-result
 BASELINE_DIR = "/etc/optrun-baseline"  # where a pod finds its baseline run's <run>-result
@@ -69,6 +85,8 @@ class Run:
     namespace: str
     uid: str
     spec: api.OptimizationRunSpec
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)  # the run's own metadata
+    annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Run:
@@ -77,7 +95,18 @@ class Run:
         spec = api.parse_manifest(dict(body))
         if not meta.get("uid") or not meta.get("namespace"):
             raise ManifestError(["metadata: uid and namespace are required (not a stored object)"])
-        return cls(name=str(meta["name"]), namespace=str(meta["namespace"]), uid=str(meta["uid"]), spec=spec)
+        return cls(
+            name=str(meta["name"]),
+            namespace=str(meta["namespace"]),
+            uid=str(meta["uid"]),
+            spec=spec,
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+    @property
+    def nodes(self) -> int:
+        return self.spec.distributed.nodes
 
 
 def configmap_name(run_name: str) -> str:
@@ -88,8 +117,25 @@ def result_configmap_name(run_name: str) -> str:
     return f"{run_name}-result"
 
 
-def pod_name(run_name: str, attempt: int) -> str:
-    return f"{run_name}-attempt-{attempt}"
+def pod_name(run_name: str, attempt: int, index: int | None = None) -> str:
+    """Attempt n's pod; in a multi-node run, its pod for node `index`."""
+    return f"{run_name}-attempt-{attempt}" + (f"-{index}" if index is not None else "")
+
+
+def pod_names(run_name: str, attempt: int, nodes: int) -> list[str]:
+    """Every pod of attempt n, by node index (index 0 hosts rank 0)."""
+    if nodes <= 1:
+        return [pod_name(run_name, attempt)]
+    return [pod_name(run_name, attempt, i) for i in range(nodes)]
+
+
+def service_name(run_name: str) -> str:
+    """The headless Service of a multi-node run: the pods' subdomain."""
+    return run_name
+
+
+def hostname(run_name: str, index: int) -> str:
+    return f"{run_name}-{index}"
 
 
 def attempt_of(pod: Mapping[str, Any]) -> int | None:
@@ -219,8 +265,10 @@ def _user_mounts(run: Run) -> list[dict[str, Any]]:
 
 def _tolerations(run: Run, cfg: OperatorConfig) -> list[dict[str, Any]]:
     own = [t.model_dump(by_alias=True, exclude_none=True) for t in run.spec.scheduling.tolerations]
+    # The operator's defaults let a pod onto tainted GPU nodes: a run without GPUs stays off them.
+    defaults = cfg.default_tolerations if run.spec.resources.gpus else []
     merged: list[dict[str, Any]] = []
-    for toleration in [*cfg.default_tolerations, *own]:
+    for toleration in [*defaults, *own]:
         if toleration not in merged:
             merged.append(dict(toleration))
     return merged
@@ -268,14 +316,21 @@ def _env(run: Run, attempt: int, cfg: OperatorConfig) -> list[dict[str, Any]]:
 
 
 def pod(
-    run: Run, attempt: int, cfg: OperatorConfig, *, active_deadline_seconds: int | None = None
+    run: Run,
+    attempt: int,
+    cfg: OperatorConfig,
+    *,
+    index: int = 0,
+    active_deadline_seconds: int | None = None,
 ) -> dict[str, Any]:
-    """The runtime pod of one attempt.
+    """The runtime pod of one attempt (in a multi-node run: its pod for node `index`).
 
     `active_deadline_seconds`: what is left of the run's spec.activeDeadlineSeconds; the kubelet
     enforces it even while the operator is down."""
     if attempt < 1:
         raise ValueError(f"attempt: {attempt} is out of range; allowed: >= 1")
+    if not 0 <= index < run.nodes:
+        raise ValueError(f"index: {index} is out of range; allowed: 0 to {run.nodes - 1}")
     spec = run.spec
     port = cfg.runtime_metrics_port
     node_selector = dict(spec.scheduling.node_selector)
@@ -286,7 +341,7 @@ def pod(
         "image": spec.image or cfg.runtime_image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": [
-            "optrun",
+            *launcher(run, attempt, index, cfg),
             "runtime",
             "--spec",
             f"{SPEC_DIR}/{SPEC_FILE}",
@@ -299,7 +354,14 @@ def pod(
             "--termination-log",
             TERMINATION_LOG,
         ],
-        "ports": [{"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "ports": [
+            {"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"},
+            *(
+                [{"name": RENDEZVOUS_PORT_NAME, "containerPort": cfg.rendezvous_port, "protocol": "TCP"}]
+                if run.nodes > 1
+                else []
+            ),
+        ],
         "env": _env(run, attempt, cfg),
         "resources": _resources(run, cfg),
         "securityContext": {
@@ -316,6 +378,7 @@ def pod(
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": OUTPUT_DIR},
             {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "shm", "mountPath": SHM_DIR},
             *_user_mounts(run),
         ],
         "terminationMessagePath": TERMINATION_LOG,
@@ -342,6 +405,9 @@ def pod(
             {"name": "spec", "configMap": {"name": configmap_name(run.name)}},
             _checkpoint_volume(run),
             {"name": "scratch", "emptyDir": {}},
+            # A container runtime's /dev/shm is 64 MiB: NCCL's buffers and torch's inter-process
+            # tensors need more, in memory (it counts against the memory limit).
+            {"name": "shm", "emptyDir": {"medium": "Memory"}},
             *_user_volumes(run),
         ],
     }
@@ -356,18 +422,120 @@ def pod(
         pod_spec["tolerations"] = tolerations
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    if spec.scheduling.priority_class_name:
-        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    sched = spec.scheduling
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    if sched.runtime_class_name:
+        pod_spec["runtimeClassName"] = sched.runtime_class_name
+    if sched.service_account_name:
+        pod_spec["serviceAccountName"] = sched.service_account_name
+    if sched.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in sched.image_pull_secrets]
     if active_deadline_seconds is not None:
         pod_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    pod_labels = {**_for_scheduler(run.labels), **labels(run), LABEL_ATTEMPT: str(attempt)}
+    annotations = _for_scheduler(run.annotations)
+    multi = run.nodes > 1
+    if multi:
+        # A stable name per node index: <run>-<index>.<run> resolves to this attempt's pod.
+        pod_spec["hostname"] = hostname(run.name, index)
+        pod_spec["subdomain"] = service_name(run.name)
+        pod_labels[LABEL_INDEX] = str(index)
+        # One gang per attempt: Kueue admits the attempt's pods together or not at all.
+        pod_labels[KUEUE_POD_GROUP] = pod_name(run.name, attempt)
+        annotations[KUEUE_POD_GROUP_COUNT] = str(run.nodes)
+    metadata: dict[str, Any] = {
+        "name": pod_name(run.name, attempt, index if multi else None),
+        "namespace": run.namespace,
+        "labels": pod_labels,
+        "ownerReferences": [owner_reference(run)],
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def pods(
+    run: Run, attempt: int, cfg: OperatorConfig, *, active_deadline_seconds: int | None = None
+) -> list[dict[str, Any]]:
+    """Every pod of one attempt, by node index."""
+    return [
+        pod(run, attempt, cfg, index=i, active_deadline_seconds=active_deadline_seconds)
+        for i in range(run.nodes)
+    ]
+
+
+def _for_scheduler(meta: Mapping[str, str]) -> dict[str, str]:
+    """The run's labels or annotations a batch scheduler reads (SCHEDULER_PREFIXES)."""
+    return {k: v for k, v in meta.items() if k.startswith(SCHEDULER_PREFIXES)}
+
+
+def launcher(run: Run, attempt: int, index: int, cfg: OperatorConfig) -> list[str]:
+    """What starts the runtime: `optrun` for one rank; torchrun (`... -m optrun.cli`) for more.
+
+    Several nodes meet in a c10d rendezvous on pod 0 (`<run>-0.<run>`, cfg.rendezvous_port), the
+    id the run's uid and the attempt (a restarted group never meets a stale one). Pod 0 hosts the
+    rendezvous store (`is_host`), and each pod names itself by its stable hostname (`--local-addr`):
+    c10d ranks the nodes by that name, so pod 0 (`<run>-0...` sorts first) holds global rank 0,
+    which writes the result. torchrun never restarts ranks itself (`--max-restarts 0`): a failure
+    ends the attempt, and the operator restarts the whole group."""
+    spec = run.spec
+    if spec.world_size <= 1:
+        return ["optrun"]
+    args = [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(run.nodes),
+        "--nproc-per-node",
+        str(spec.processes_per_node),
+        "--max-restarts",
+        "0",
+    ]
+    if run.nodes == 1:
+        args.append("--standalone")
+    else:
+        subdomain = service_name(run.name)
+        args += [
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{hostname(run.name, 0)}.{subdomain}:{cfg.rendezvous_port}",
+            "--rdzv-id",
+            f"{run.uid}-{attempt}",
+            "--rdzv-conf",
+            f"is_host={1 if index == 0 else 0},join_timeout={cfg.rendezvous_timeout_seconds}",
+            "--local-addr",
+            f"{hostname(run.name, index)}.{subdomain}",
+        ]
+    return [*args, "-m", "optrun.cli"]
+
+
+def service(run: Run, cfg: OperatorConfig) -> dict[str, Any]:
+    """`<run>`: the headless Service of a multi-node run. Its selector (the run's uid) and the pods'
+    hostname/subdomain give every pod the DNS name `<run>-<index>.<run>`; addresses are published
+    before the pods are ready, since the rendezvous happens before anything could be."""
     return {
         "apiVersion": "v1",
-        "kind": "Pod",
+        "kind": "Service",
         "metadata": {
-            "name": pod_name(run.name, attempt),
+            "name": service_name(run.name),
             "namespace": run.namespace,
-            "labels": {**labels(run), LABEL_ATTEMPT: str(attempt)},
+            "labels": labels(run),
             "ownerReferences": [owner_reference(run)],
         },
-        "spec": pod_spec,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_RUN_UID: run.uid},
+            "ports": [
+                {
+                    "name": RENDEZVOUS_PORT_NAME,
+                    "port": cfg.rendezvous_port,
+                    "targetPort": cfg.rendezvous_port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
     }

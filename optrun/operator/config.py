@@ -48,7 +48,7 @@ class OperatorConfig(BaseModel):
     )
     default_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        description="Tolerations every runtime pod gets (JSON list), before the run's own.",
+        description="Tolerations every runtime pod with GPUs gets (JSON list), before the run's own.",
     )
     runtime_metrics_port: int = Field(
         9090,
@@ -63,6 +63,18 @@ class OperatorConfig(BaseModel):
             "Address the runtime's /metrics listens on: 0.0.0.0 (every address of the pod, so kubectl "
             "port-forward works), or $(POD_IP) where pods share one network namespace."
         ),
+    )
+    rendezvous_port: int = Field(
+        29400,
+        ge=1,
+        le=65535,
+        description="Port of torchrun's c10d rendezvous on pod 0 of a multi-node run (through its headless Service).",
+    )
+    rendezvous_timeout_seconds: int = Field(
+        600,
+        ge=10,
+        le=86_400,
+        description="How long the pods of a multi-node attempt wait for one another at the rendezvous.",
     )
     scrape_interval_seconds: float = Field(
         10.0,

@@ -382,23 +382,26 @@ class Controller:
         for name, (pod, deleted) in self.cache.pods(uid, pods_index).items():
             view = PodView.from_pod(pod)
             views[name] = view if not deleted or view.finished else PodView.gone(name, view.attempt)
-        expected = reconcile.expected_pod(run)
-        if expected and expected not in views and not meta.get("deletionTimestamp"):
+        expected = reconcile.expected_pods(run)
+        for name in expected:
+            if name in views or meta.get("deletionTimestamp"):
+                continue
             try:
-                found = self.kube.get_pod(namespace, expected)
+                found = self.kube.get_pod(namespace, name)
             except ApiError as err:
                 if not err.transient:
                     raise
                 found = {}  # no answer: leave it unconfirmed, the reconcile waits
             if found is None or (found and _labels(found).get(builders.LABEL_RUN_UID) != uid):
                 attempt = reconcile.read_status(run).attempts
-                views[expected] = PodView.gone(expected, attempt)
+                views[name] = PodView.gone(name, attempt)
             elif found:
                 self.cache.remember_pod(uid, found)
-                views[expected] = PodView.from_pod(found)
+                views[name] = PodView.from_pod(found)
         sample = None
         scrape_error = None
-        current = views.get(expected) if expected else None
+        # Pod 0 serves the metrics (global rank 0, in a multi-node run).
+        current = views.get(expected[0]) if expected else None
         if scrape_metrics and current is not None and current.state == "running" and current.pod_ip:
             try:
                 sample = scrape.scrape(
@@ -484,6 +487,12 @@ class Controller:
         try:
             updated = self.kube.replace_status(namespace, name, status, uid=uid)
         except ApiError as err:
+            if err.code == 422:
+                # The uid test failed (a new run of the same name), or the API server refuses the
+                # status itself: a bug of the operator's, never to pass in silence.
+                log.warning(
+                    "%s/%s: status not written (a new run of this name, or refused): %s", namespace, name, err
+                )
             if err.code in (404, 409, 422):
                 return False  # deleted meanwhile (or replaced by a new run of the same name)
             self.cache.stage_status(uid, status)  # unless a newer one came: we hold the lock

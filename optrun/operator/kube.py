@@ -146,7 +146,7 @@ class Kube:
         """Create a namespaced child; None when it already exists (409): the name is deterministic,
         so an existing object is the one an earlier reconcile made."""
         kind = manifest["kind"]
-        resource = {"Pod": "pods", "ConfigMap": "configmaps", "Event": "events"}[kind]
+        resource = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services", "Event": "events"}[kind]
         ns = manifest["metadata"]["namespace"]
         try:
             return self.request(
@@ -158,8 +158,8 @@ class Kube:
             raise
 
     def get(self, kind: str, namespace: str, name: str) -> JSON | None:
-        """A namespaced child by kind (Pod, ConfigMap); None when it does not exist."""
-        resource = {"Pod": "pods", "ConfigMap": "configmaps"}[kind]
+        """A namespaced child by kind (Pod, ConfigMap, Service); None when it does not exist."""
+        resource = {"Pod": "pods", "ConfigMap": "configmaps", "Service": "services"}[kind]
         try:
             return self.request("GET", f"/api/v1/namespaces/{namespace}/{resource}/{name}", resource=resource)
         except ApiError as err:

@@ -73,6 +73,16 @@ RULES: list[Rule] = [
     },
     {
         "apiGroups": [""],
+        "resources": ["services"],
+        "verbs": ["get", "create"],
+        "why": (
+            "create: the headless Service of a multi-node run (<run>), its pods' DNS names for the "
+            "rendezvous; get: check that a 409 on create is this run's own. Deletion is the garbage "
+            "collector's (owner references)."
+        ),
+    },
+    {
+        "apiGroups": [""],
         "resources": ["events"],
         "verbs": ["create"],
         "why": "create: an Event for every transition of a run (and kopf's own warnings); never updated.",

@@ -142,11 +142,15 @@ def read_status(run: Mapping[str, Any]) -> OptimizationRunStatus:
         return OptimizationRunStatus()
 
 
-def expected_pod(run: Mapping[str, Any]) -> str | None:
-    """The pod of the run's current attempt, by its status (for the caller to confirm it exists)."""
+def expected_pods(run: Mapping[str, Any]) -> list[str]:
+    """The pods of the run's current attempt, by its status (for the caller to confirm they exist);
+    index 0 first."""
     st = read_status(run)
     name = (run.get("metadata") or {}).get("name")
-    return builders.pod_name(name, st.attempts) if st.attempts and name else None
+    if not st.attempts or not name:
+        return []
+    nodes = ((run.get("spec") or {}).get("distributed") or {}).get("nodes", 1)
+    return builders.pod_names(name, st.attempts, nodes if isinstance(nodes, int) else 1)
 
 
 def reconcile(observed: Observed, cfg: OperatorConfig) -> Plan:
@@ -185,6 +189,9 @@ class _Reconciler:
         self.events_out: list[Event] = []
         self.run: Run | None = None
         self.acted = self.acted_generation()
+        # A multi-node attempt's pods, and the one view of them the decision tree reads (`group`).
+        self.members: list[PodView] = []
+        self.group_view: PodView | None = None
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -195,14 +202,16 @@ class _Reconciler:
         self.events_out.append(Event(type_, str(reason), status.clip(message)))
 
     def delete(self, pod: PodView) -> None:
-        if pod.live and pod.name not in self.out.delete_pods:
-            self.out.delete_pods.append(pod.name)
+        # Ending a multi-node attempt ends every pod of it.
+        for p in self.members if pod is self.group_view else [pod]:
+            if p.live and p.name not in self.out.delete_pods:
+                self.out.delete_pods.append(p.name)
 
     def finish(self) -> Plan:
         self.new.observed_generation = self.acted
         self.cond(READY, *status.ready(self.new))
-        old = self.old.model_dump(mode="json", by_alias=True, exclude_none=True)
-        new = self.new.model_dump(mode="json", by_alias=True, exclude_none=True)
+        old = status.omit_empty(self.old.model_dump(mode="json", by_alias=True, exclude_none=True))
+        new = status.omit_empty(self.new.model_dump(mode="json", by_alias=True, exclude_none=True))
         if new != old:
             self.out.status = new
         seen: set[str] = set()
@@ -250,7 +259,7 @@ class _Reconciler:
     def attempt_step(self, n: int) -> None:
         assert self.run is not None
         spec = self.run.spec
-        current = self.obs.pods.get(builders.pod_name(self.name, n)) if n else None
+        current = self.group(n) if n else None
         if n and current is None:
             return  # unconfirmed either way (the API did not answer): look again next time
 
@@ -316,6 +325,47 @@ class _Reconciler:
             return  # being stopped (a hang, a suspension, or someone's delete): wait until it is over
         self.live(n, current)
 
+    def group(self, n: int) -> PodView | None:
+        """Attempt n's pod; for several nodes, one view of its pods, with PyTorchJob's semantics: any
+        pod failing or stopping ends the attempt for all (the others are deleted; the attempt is over
+        once every pod is), and the result is pod 0's (global rank 0). None: a pod is unconfirmed."""
+        assert self.run is not None
+        views = [self.obs.pods.get(name) for name in builders.pod_names(self.name, n, self.run.nodes)]
+        if any(v is None for v in views):
+            return None
+        members = [v for v in views if v is not None]
+        if len(members) == 1:
+            return members[0]
+        self.members = members
+        first = members[0]
+        if first.state == "succeeded":
+            view = first  # the others end on their own, or as the finished run's leftovers
+        elif ended := [m for m in members if m.state in ("failed", "gone")]:
+            # The pod that failed by itself, before those the operator (or someone) stopped.
+            cause = next((m for m in ended if not m.deleting), ended[0])
+            if all(m.finished for m in members):
+                view = cause
+            else:
+                view = dataclasses.replace(cause, state="pending", deleting=True)
+                self.new.message = f"attempt {n}: pod {cause.name} ended ({cause.state}); stopping the others"
+        else:
+            unscheduled = next((m for m in members if m.scheduled is False), None)
+            waiting = next((m for m in members if m.waiting_reason in CONTAINER_START_REASONS), None)
+            base = waiting or unscheduled or first
+            view = dataclasses.replace(
+                base,
+                state="running" if all(m.state in ("running", "succeeded") for m in members) else "pending",
+                deleting=any(m.deleting for m in members),
+                scheduled=False if unscheduled else (True if all(m.scheduled for m in members) else None),
+                node=", ".join(m.node for m in members if m.node),
+                pod_ip=first.pod_ip,  # pod 0 serves the metrics (global rank 0)
+                started_at=first.started_at,
+            )
+        self.group_view = view
+        if view.deleting and not view.finished:
+            self.delete(view)  # one pod stopping stops the group
+        return view
+
     # --- the branches --------------------------------------------------------------------------
 
     def adopt(self) -> int:
@@ -336,7 +386,8 @@ class _Reconciler:
             self.new.failed_attempts += max(0, extra)
             self.new.attempts = seen
             self.new.next_attempt_time = None
-            self.new.pod_name = builders.pod_name(self.name, seen)
+            self.new.pods = builders.pod_names(self.name, seen, self.run.nodes if self.run else 1)
+            self.new.pod_name = self.new.pods[0]
             if self.new.start_time is None:
                 self.new.start_time = status.timestamp(self.now)
             if self.new.phase in (None, "Suspended"):
@@ -352,15 +403,18 @@ class _Reconciler:
         if self.new.start_time is None or resumed:
             self.new.start_time = status.timestamp(self.now)
         remaining = self.deadline_remaining()
+        if self.run.nodes > 1:
+            self.out.create.append(builders.service(self.run, self.cfg))  # 409 after the first attempt
         self.out.create.append(builders.configmap(self.run, self.cfg))
-        self.out.create.append(
-            builders.pod(
+        self.out.create.extend(
+            builders.pods(
                 self.run, k, self.cfg, active_deadline_seconds=None if remaining is None else int(remaining)
             )
         )
-        pod = builders.pod_name(self.name, k)
+        self.new.pods = builders.pod_names(self.name, k, self.run.nodes)
+        pod = ", ".join(self.new.pods)
         self.new.attempts = k
-        self.new.pod_name = pod
+        self.new.pod_name = self.new.pods[0]
         self.new.phase = "Recovering" if after else "Pending"
         self.new.completion_time = None
         self.new.next_attempt_time = None
@@ -379,13 +433,14 @@ class _Reconciler:
             if claim
             else "no checkpoint claim (spec.training.checkpoint.claimName): starts from step 0"
         )
-        self.event("Normal", Reason.ATTEMPT_STARTED, f"created pod {pod} (attempt {k}); {where}")
+        what = f"pods {pod}" if self.run.nodes > 1 else f"pod {pod}"
+        self.event("Normal", Reason.ATTEMPT_STARTED, f"created {what} (attempt {k}); {where}")
         self.new.message = f"attempt {k}: pod {pod} created"
         self.out.notes.append(Note("attempt_started"))
 
     def in_progress(self, k: int) -> None:
         """The conditions of attempt k from its pod's creation until the pod says more."""
-        pod = builders.pod_name(self.name, k)
+        pod = ", ".join(self.new.pods) or builders.pod_name(self.name, k)
         self.cond(SCHEDULED, "Unknown", Reason.POD_CREATED, f"pod {pod} created; waiting for the scheduler")
         if status.get_condition(self.new, SAFETY) is None:
             self.cond(SAFETY, "Unknown", Reason.NOT_YET_JUDGED, "no result yet")

@@ -32,7 +32,7 @@ import dataclasses
 import datetime as dt
 import json
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -185,6 +185,19 @@ def timestamp(now: dt.datetime) -> str:
 
 def clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def omit_empty(value: Any) -> Any:
+    """The status as written: empty strings left out, as Go API types' `omitempty` leaves them.
+    An API server may read `""` in a custom resource as null and refuse the whole write (422, "must
+    be of type string: null"): every status write of a NO_GO result whose failing test had no
+    expected range was refused so, and the run stayed Running. No field of the status requires
+    a string that can be empty (a condition's reason cannot be), so nothing is lost."""
+    if isinstance(value, dict):
+        return {k: omit_empty(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [omit_empty(v) for v in value if v != ""]
+    return value
 
 
 def get_condition(status: OptimizationRunStatus, type_: str) -> Condition | None:

@@ -27,6 +27,11 @@ Pods
     across pods). Each is materialized under the pod's directory and bind-mounted at its
     mountPath (subPath and readOnly honoured) for that process alone.
   - a pod IP of its own from 127.<n>.0.0/16 (all of 127/8 routes to lo on Linux).
+  - cluster DNS for pods with a hostname and a subdomain, as CoreDNS answers for a headless
+    Service of that name selecting the pod: one hosts file for the agent, `<state>/hosts` (the
+    host's /etc/hosts, then one line per such pod: `<ip> <hostname>.<subdomain>.<ns>.svc.cluster.local
+    <hostname>.<subdomain> <hostname>`), bind-mounted read-only over /etc/hosts in every
+    container and rewritten in place (same inode, so every mount sees it) as pods come and go.
   The agent reports phase, conditions (Initialized, ContainersReady, Ready), container states,
   restart counts, exit codes (128+signal for a signal) and the termination message read
   from terminationMessagePath (FallbackToLogsOnError: the log's last 80 lines, 2 KiB at most).
@@ -64,7 +69,9 @@ Limits (what a real kubelet does that this one does not)
   - Volume contents are written when the pod starts and not refreshed when a ConfigMap or
     Secret changes. ConfigMap/Secret volume files are plain files (no ..data symlink swap).
   - No Services: the API server refuses loopback addresses in Endpoints, so a Service that
-    selects agent pods has no endpoints; use the pod IP. No exec, attach or port-forward.
+    selects agent pods has no endpoints; use the pod IP. Only the pod hostname records of a
+    headless Service resolve (above), looked up once, when the pod starts: a Service created after
+    its pods gives them no name. No exec, attach or port-forward.
   - Log lines carry no timestamps; `kubectl logs --timestamps` shows none.
   - Status carries fake image IDs and container IDs (`optrun-agent://...`).
 
@@ -738,6 +745,8 @@ class PodWorker(threading.Thread):
                 if not source.exists():
                     source.mkdir(parents=True)
             mounts.append((str(source), mount["mountPath"], bool(mount.get("readOnly")), source.is_file()))
+        # The kubelet manages every container's /etc/hosts; here it is the agent's cluster DNS.
+        mounts.append((str(self.agent.hosts_file), "/etc/hosts", True, True))
         return mounts
 
     # -- volumes -------------------------------------------------------------------------------
@@ -1054,6 +1063,7 @@ class PodWorker(threading.Thread):
                     run.state = {"waiting": {"reason": "ContainerCreating", "message": self.volume_error}}
                 self.report()
                 time.sleep(1)
+        agent.publish(self)
         deadline = self.pod["spec"].get("activeDeadlineSeconds")
         while not agent.stopping.is_set() and not self.removed.is_set():
             if self.deleting:
@@ -1115,6 +1125,9 @@ class NodeAgent:
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self._ip_prefix = f"127.{random.randint(10, 250)}"
+        self.hosts_file = Path(config.state_dir) / "hosts"
+        self._host_lines: dict[str, str] = {}  # pod uid -> its line in hosts_file
+        self._write_hosts()
         self._next_ip = 1
         self._ips_in_use: set[str] = set()
         if os.geteuid() == 0:
@@ -1320,6 +1333,47 @@ class NodeAgent:
             if self.workers.get(worker.uid) is worker:
                 del self.workers[worker.uid]
             self._ips_in_use.discard(worker.ip)
+            if self._host_lines.pop(worker.uid, None) is not None:
+                self._write_hosts()
+
+    # -- cluster DNS ---------------------------------------------------------------------------
+
+    def publish(self, worker: PodWorker) -> None:
+        """The pod's DNS name, when it has a hostname and a subdomain that names a headless Service
+        of its namespace selecting it (what CoreDNS serves for such a pod)."""
+        spec, meta = worker.pod["spec"], worker.pod["metadata"]
+        host, subdomain = spec.get("hostname"), spec.get("subdomain")
+        if not host or not subdomain:
+            return
+        try:
+            service = self.api.get(f"/api/v1/namespaces/{worker.namespace}/services/{subdomain}")
+        except ApiError as err:
+            log.info("pod %s: no Service %s (%s): no DNS name", worker.key, subdomain, err)
+            return
+        selector = (service.get("spec") or {}).get("selector") or {}
+        labels = meta.get("labels") or {}
+        if service["spec"].get("clusterIP") != "None" or any(labels.get(k) != v for k, v in selector.items()):
+            log.info(
+                "pod %s: Service %s is not headless or does not select it: no DNS name", worker.key, subdomain
+            )
+            return
+        fqdn = f"{host}.{subdomain}.{worker.namespace}.svc.cluster.local"
+        with self.lock:
+            self._host_lines[worker.uid] = f"{worker.ip} {fqdn} {host}.{subdomain} {host}"
+            self._write_hosts()
+
+    def _write_hosts(self) -> None:
+        """Rewrite the hosts file in place (open with truncation keeps its inode: the bind mounts of
+        running containers see the new content); the caller holds the lock, or is __init__."""
+        base = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "127.0.0.1 localhost\n"
+        text = (
+            base.rstrip("\n")
+            + "\n# pods of the node agent\n"
+            + "".join(l + "\n" for l in self._host_lines.values())
+        )
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.hosts_file, "w") as out:
+            out.write(text)
 
     def _allocate_ip(self) -> str:
         while True:

@@ -439,13 +439,15 @@ def runs(kube: Any, namespace: str) -> Iterator[Runs]:
     )
 
 
-def pvc(kube: Any, namespace: str, name: str = "checkpoints") -> str:
+def pvc(
+    kube: Any, namespace: str, name: str = "checkpoints", access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+) -> str:
     """A claim for checkpoints; the node agent provisions a directory that outlives each pod."""
     k8s.CoreV1Api(kube).create_namespaced_persistent_volume_claim(
         namespace,
         {
             "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            "spec": {"accessModes": list(access_modes), "resources": {"requests": {"storage": "1Gi"}}},
         },
     )
     return name

@@ -75,11 +75,12 @@ def pod_body(
     unschedulable: str = "",
     started_seconds_ago: float = 10,
     deleting: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """The pod the builders make for `attempt`, with the status a kubelet would report in `state`
-    (pending, unschedulable, running, succeeded, failed)."""
+    """The pod the builders make for `attempt` (node `index` of a multi-node run), with the status a
+    kubelet would report in `state` (pending, unschedulable, running, succeeded, failed)."""
     r = builders.Run.from_body(run or run_body())
-    pod = builders.pod(r, attempt, cfg)
+    pod = builders.pod(r, attempt, cfg, index=index)
     pod["metadata"]["resourceVersion"] = str(200 + attempt)
     if deleting:
         pod["metadata"]["deletionTimestamp"] = stamp(1)

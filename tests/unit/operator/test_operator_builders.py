@@ -43,7 +43,7 @@ def test_pod_carries_its_attempt_as_a_label_that_reads_back(cfg: OperatorConfig)
 def test_pod_runs_the_runtime_with_its_spec_output_metrics_port_and_termination_log(
     cfg: OperatorConfig,
 ) -> None:
-    c = container(builders.pod(build(), 1, cfg))
+    c = container(builders.pod(build({**SPEC, "resources": {**SPEC["resources"], "gpus": 1}}), 1, cfg))
     assert c["command"] == [
         "optrun", "runtime", "--spec", "/etc/optrun/run.yaml", "--output", "/var/lib/optrun",
         "--metrics-port", "9090", "--metrics-addr", "0.0.0.0", "--termination-log", "/dev/termination-log",

@@ -189,6 +189,36 @@ def test_a_no_go_result_lists_each_failing_test_measured_against_expected(
     assert status["recommendations"]  # the judge's suggestion for the out-of-range speedup
 
 
+def test_a_result_for_a_model_that_is_not_there_is_written_without_empty_strings(
+    cfg: OperatorConfig, pod: PodFactory
+) -> None:
+    # The runtime's result for a bad source: one failed test with no expected range. The API server
+    # reads "" in a custom resource's status as null and refuses the whole write, which left this
+    # run Running for ever (tests/integration/operator/test_operator_user_model.py).
+    from optrun.api.v1alpha1 import parse_manifest
+    from optrun.runtime.orchestrator import invalid_result
+
+    spec = parse_manifest(run_body())
+    message = invalid_result(spec, ["spec.workload.model.path: /models/nope does not exist"]).compact()
+    run = started(cfg)
+    plan = rec.reconcile(observe(run, [pod(1, "succeeded", message=message)]), cfg)
+    assert plan.status is not None and plan.status["decision"] == "NO_GO"
+    (failure,) = plan.status["acceptance"]["failures"]
+    assert failure["name"] == "infra.sources-valid" and "expected" not in failure
+
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert "" not in strings(plan.status)
+    # Read back, the status is the same (an absent string reads as the empty default).
+    again = applied(run, plan)
+    assert rec.reconcile(observe(again, [pod(1, "succeeded", message=message)]), cfg).status is None
+
+
 def test_the_operator_rederives_the_decision_instead_of_trusting_the_pod(
     cfg: OperatorConfig, pod: PodFactory
 ) -> None:
