@@ -54,6 +54,10 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ $op.retries.backoffMaxSeconds | quote }}
 - name: OPTRUN_OPERATOR_IMAGE_PULL_TIMEOUT_SECONDS
   value: {{ $op.retries.imagePullTimeoutSeconds | quote }}
+- name: OPTRUN_OPERATOR_RENDEZVOUS_PORT
+  value: {{ $op.rendezvous.port | quote }}
+- name: OPTRUN_OPERATOR_RENDEZVOUS_TIMEOUT_SECONDS
+  value: {{ $op.rendezvous.timeoutSeconds | quote }}
 {{- $hook := .Values.webhook }}
 - name: OPTRUN_OPERATOR_WEBHOOK
   # serve: the chart installs the configuration, the Service and the certificate (webhook-*.yaml).

@@ -100,9 +100,9 @@ def test_an_image_that_cannot_be_pulled_is_named_in_a_condition_within_seconds(
 
 def test_failed_attempts_are_spaced_by_the_back_off(start_operator: Any, runs: Runs, namespace: str) -> None:
     start_operator(namespace, retry_backoff_seconds=4)
-    # A model the runtime image cannot import: every attempt fails at once.
-    spec = tiny_spec(backoffLimit=1)
-    spec["workload"]["model"] = "no_such_module:build"
+    # An exception at every training step: every attempt's runtime fails (a model that cannot
+    # be loaded would not do: it is a NO_GO result, infra.sources-valid, not a failed attempt).
+    spec = tiny_spec(backoffLimit=1, faults=[{"type": "exception", "atStep": 0, "persistent": True}])
     runs.create("crashing", spec)
 
     def backing_off() -> dict[str, Any] | None:
