@@ -160,3 +160,4 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+            self._server = None  # an endpoint opened again later (a scrape of its own) closes on its own

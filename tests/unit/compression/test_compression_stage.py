@@ -60,7 +60,9 @@ def test_weights_target_returns_a_quantized_copy_and_registers_the_transform(tmp
 
 def test_weights_target_passes_its_acceptance_tests(tmp_path):
     ctx = _ctx(tmp_path, codec="int4", target="weights", maxReconstructionError=0.15, groupSize=32)
-    compression.apply(ctx, ctx.model_factory())
+    # As the orchestrator hands it on: the trained float model in, the quantized model judged.
+    ctx.trained = ctx.model_factory()
+    ctx.model = compression.apply(ctx, ctx.trained)
     checks = _checks(ctx)
     assert set(checks) == {
         "compression.roundtrip",
