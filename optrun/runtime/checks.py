@@ -313,6 +313,25 @@ def run_gates(ctx: RunContext) -> Check:
     )
 
 
+@SUITE.test("safety.no-hang", Category.SAFETY)
+def no_hang(ctx: RunContext) -> Check:
+    """The watchdog saw progress within hangTimeoutSeconds throughout the run."""
+    hangs = ctx.results.get("hangs", [])
+    timeout = ctx.spec.safety.hang_timeout_seconds
+    return Check(
+        not hangs,
+        measured=len(hangs),
+        expected=Expected(equals=0),
+        reason=(
+            f"the watchdog reported {len(hangs)} hang(s): no progress for "
+            + ", ".join(f"{h['idle_seconds']:g}s" for h in hangs)
+            + f" (hangTimeoutSeconds {timeout})"
+            if hangs
+            else f"no hang reported (no stretch without progress over {timeout}s)"
+        ),
+    )
+
+
 def _injected(ctx: RunContext, kind: str, gate: str) -> Check:
     spec = scratch_spec(ctx.spec, steps=6, faults=[Fault(type=kind, at_step=3)], policy="rollback")
     trainer, failed = scratch_train(ctx, spec)
@@ -391,8 +410,12 @@ def vanishing_caught(ctx: RunContext) -> Check:
 def training_completed(ctx: RunContext) -> Check:
     train = ctx.results.get("train", {})
     done, want = train.get("epochs", 0), ctx.spec.training.epochs
+    error = f" ({train['error']})" if train.get("error") else ""
     return Check(
-        done >= want, measured=done, expected=Expected(min=want), reason=f"trained {done} of {want} epochs"
+        done >= want,
+        measured=done,
+        expected=Expected(min=want),
+        reason=f"trained {done} of {want} epochs{error}",
     )
 
 
@@ -406,9 +429,12 @@ def target_accuracy(ctx: RunContext) -> Check:
 def loss_decreased(ctx: RunContext) -> Check:
     """Training lowered the held-out loss of the model as given (the baseline stage's, on the
     same held-out batches): for a pretrained model, below what it already knew."""
-    baseline = ctx.results.get("baseline")
-    if not baseline:
-        return Check(False, reason="no baseline: the held-out loss of the model as given was not measured")
+    baseline = ctx.results.get("baseline") or {}
+    if "loss" not in baseline:
+        why = f": {baseline['error']}" if "error" in baseline else ""
+        return Check(
+            False, reason=f"no baseline: the held-out loss of the model as given was not measured{why}"
+        )
     before = baseline["loss"]
     after = ctx.results.get("train", {}).get("final_loss", math.inf)
     check = in_range(after, None, before, what="held-out loss after training (at most the model as given's)")
@@ -424,6 +450,28 @@ def weights_finite(ctx: RunContext) -> Check:
     models = [m for m in (ctx.trained, ctx.model) if m is not None]
     ok = bool(models) and all(_finite(m) for m in models)
     return Check(ok, reason="all trained weights are finite" if ok else "non-finite weights after training")
+
+
+@SUITE.test("stability.no-out-of-memory-backoff", Category.STABILITY)
+def no_oom_backoff(ctx: RunContext) -> Check:
+    """Training fit in memory at the run's batch: no out-of-memory error halved its micro-batch
+    (a run that only fits by accumulating gradients trains, but not as it was asked to)."""
+    train = ctx.results.get("train", {})
+    backoffs = train.get("oom_backoffs", 0)
+    error = str(train.get("error", ""))
+    if error.startswith("OutOfMemoryError"):
+        return Check(
+            False, measured=backoffs, reason=f"training ran out of memory past every back-off: {error}"
+        )
+    batch = ctx.spec.workload.batch_size
+    return Check(
+        backoffs == 0,
+        measured=backoffs,
+        expected=Expected(equals=0),
+        reason=f"{backoffs} out-of-memory back-off(s): batch {batch} trained in {2**backoffs} micro-batches"
+        if backoffs
+        else f"batch {batch} trained in one piece, no out-of-memory back-off",
+    )
 
 
 @SUITE.test("stability.step-time-steady", Category.STABILITY)

@@ -9,7 +9,8 @@ Recovery: a tripped gate (non-finite loss, vanished or exploded gradients) is an
 `spec.safety.nonFiniteLoss`: `rollback` restores the last good checkpoint, skips the offending
 batch when it comes round again and halves the learning rate; `skip` drops the batch; `fail`
 stops. An out-of-memory error halves the micro-batch (gradient accumulation keeps the
-effective batch). Each recovery counts against `maxRecoveries`; past it the gate fails. The
+effective batch): an out-of-memory back-off, counted as such, not as a recovery. Each recovery
+(rollback, skip) counts against `maxRecoveries`; past it the gate fails. The
 recovery bookkeeping (trips, recoveries, skipped steps, learning-rate scale) is never rolled
 back: a rollback undoes training, not the memory of why it happened.
 """
@@ -69,6 +70,9 @@ class Bookkeeping:
     # fp16: steps whose scaled gradients overflowed and were retried at a lower loss scale (the
     # GradScaler's ordinary business, not a gate trip: nothing is rolled back).
     scaler_overflows: int = 0
+    # Out-of-memory back-offs: each halves the micro-batch (bounded by the batch size, so no
+    # budget of its own; not a recovery: nothing was wrong with the training).
+    oom_backoffs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +83,7 @@ class Bookkeeping:
             "trips": dict(self.trips),
             "events": list(self.events),
             "scaler_overflows": self.scaler_overflows,
+            "oom_backoffs": self.oom_backoffs,
         }
 
     @classmethod
@@ -91,6 +96,7 @@ class Bookkeeping:
             trips=dict(d["trips"]),
             events=list(d["events"]),
             scaler_overflows=d.get("scaler_overflows", 0),  # older checkpoints have none
+            oom_backoffs=d.get("oom_backoffs", 0),
         )
 
 
@@ -275,7 +281,8 @@ class Trainer:
                         "oom", f"out of memory at micro-batch size 1 (step {step})"
                     ) from exc
                 self.book.micro_batches *= 2
-                self._recovered(step, "halve-micro-batch")
+                self.book.oom_backoffs += 1
+                self.metrics.oom_backoff(step=step, micro_batches=self.book.micro_batches)
         if trip is not None:
             self._handle(trip, step)
             return

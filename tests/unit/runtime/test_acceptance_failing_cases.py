@@ -259,6 +259,8 @@ FAILING_CASES: dict[str, Builder] = {
     "safety.exploding-gradient-caught-and-recovered": lambda tmp: _ctx(tmp, safety=NO_RECOVERY),
     # Skipping a batch forever is no failure: the persistent fault is skipped, never failed.
     "safety.persistent-fault-fails-the-gate": lambda tmp: _ctx(tmp, safety={"maxRecoveries": 100}),
+    "safety.no-hang": _with({"hangs": [{"gate": "hang", "idle_seconds": 312.0}]}),
+    "stability.no-out-of-memory-backoff": _with({"train": {"oom_backoffs": 2}}),
     "safety.vanishing-gradient-caught": lambda tmp: _ctx(
         tmp, safety={"gradientFlow": {"minNorm": 0.0, "maxNorm": 1.0e6}}
     ),
