@@ -284,6 +284,7 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
                 on_result=lambda r: (
                     obs.test(r),
                     metrics.acceptance_tests.labels(outcome="passed" if r.passed else "failed").inc(),
+                    metrics.progress(),  # each finished test is progress: the suite takes minutes
                 ),
             )
         with stages.run("report"):
