@@ -141,8 +141,16 @@ class AcceptanceSummary(_Model):
 
 
 class SafetySummary(_Model):
+    """What went wrong and what was done about it, each under its own name: gate trips (per
+    gate), recoveries (rollbacks and skipped batches, against maxRecoveries), out-of-memory
+    back-offs (micro-batch halvings), hangs the watchdog reported, and fp16 loss-scale overflows
+    (retried at a lower scale, the GradScaler's ordinary business)."""
+
     trips: dict[str, int] = Field(default_factory=dict)
     recoveries: int = 0
+    oom_backoffs: int = 0
+    hangs: int = 0
+    scaler_overflows: int = 0
     events: list[dict[str, Any]] = Field(default_factory=list)
     # The gate that ended training (nan_loss, gradient_flow, recovery_budget, ...), if one did:
     # what the operator's SafetyGatesPassed condition names, read as data rather than from text.

@@ -495,7 +495,7 @@ class Weights(Spec):
     non_critical_failures: float = Field(
         0.15, ge=0.0, le=1.0, description="Weight of the non-critical tests."
     )
-    gpu_stability: float = Field(0.10, ge=0.0, le=1.0, description="Weight of the stability tests.")
+    stability: float = Field(0.10, ge=0.0, le=1.0, description="Weight of the stability tests.")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> Weights:

@@ -22,7 +22,10 @@ The risk level, from what failed:
   minimum), or any test of category safety failed (a gate that did not hold).
 - ``medium``: the decision is CONDITIONAL_GO, or an end-to-end or stability test failed, or no
   critical test was collected (the GO rests on nothing critical), or the run needed recoveries
-  (`SafetySummary.recoveries` > 0: its gates held, but it reached its result by rolling back).
+  (`SafetySummary.recoveries` > 0: its gates held, but it reached its result by rolling back),
+  out-of-memory back-offs (`oom_backoffs` > 0: it fit only in smaller micro-batches) or had a
+  hang reported (`hangs` > 0). Gate trips that needed no recovery (a compression tensor kept in
+  full precision) and fp16 loss-scale overflows do not raise the risk.
 - ``low``: otherwise; at most tuning or critical-infrastructure tests with no critical flag
   failed, within a pass rate that meets the target.
 
@@ -121,7 +124,7 @@ def risk_level(
         decision == Decision.CONDITIONAL_GO
         or failed & {Category.END_TO_END, Category.STABILITY}
         or not any(t.critical for t in tests)
-        or (safety is not None and safety.recoveries > 0)
+        or (safety is not None and (safety.recoveries > 0 or safety.oom_backoffs > 0 or safety.hangs > 0))
     ):
         return "medium"
     return "low"

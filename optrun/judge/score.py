@@ -8,7 +8,8 @@ The parts, by their wire names (the keys of `Scorecard.parts` and `Scorecard.wei
 - ``passRate``: passed / collected over all tests;
 - ``nonCriticalFailures``: 1 - failed / collected among tests whose critical flag is false
   (that is, the share of non-critical tests that passed);
-- ``gpuStability``: passed / collected among tests of category stability.
+- ``stability``: passed / collected among tests of category stability (on any device: a CPU
+  run's stability is the run's, not a GPU's).
 
 A part with no tests behind it is *unmeasured*: it neither earns nor loses score, and its
 weight is shared out among the measured parts in proportion to their weights::
@@ -16,7 +17,7 @@ weight is shared out among the measured parts in proportion to their weights::
     score = sum(w[p] * part[p] for p in measured) / sum(w[p] for p in measured)
 
 Counting an empty category as 1.0 would reward a run for the checks it skipped; counting it as
-0.0 would punish a run for a category it has no tests in (a CPU run has no GPU stability).
+0.0 would punish a run for a category it has no tests in (a run with no stability tests).
 Edge cases, so that the score stays in [0, 1] and never rewards an empty suite:
 
 - no tests collected: every part is unmeasured and the score is 0.0 (the decision is NO_GO);
@@ -38,7 +39,7 @@ CRITICAL_INFRASTRUCTURE: Final = "criticalInfrastructure"
 SAFETY_GATES: Final = "safetyGates"
 PASS_RATE: Final = "passRate"
 NON_CRITICAL_FAILURES: Final = "nonCriticalFailures"
-GPU_STABILITY: Final = "gpuStability"
+STABILITY: Final = "stability"
 
 # Which tests each part counts, in the order the parts are reported.
 _SELECTORS: Final[dict[str, Callable[[TestResult], bool]]] = {
@@ -46,7 +47,7 @@ _SELECTORS: Final[dict[str, Callable[[TestResult], bool]]] = {
     SAFETY_GATES: lambda t: t.category == Category.SAFETY,
     PASS_RATE: lambda t: True,
     NON_CRITICAL_FAILURES: lambda t: not t.critical,
-    GPU_STABILITY: lambda t: t.category == Category.STABILITY,
+    STABILITY: lambda t: t.category == Category.STABILITY,
 }
 PARTS: Final = tuple(_SELECTORS)
 

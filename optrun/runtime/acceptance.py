@@ -117,16 +117,20 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._tests)
 
+    def check(self, name: str, ctx: RunContext) -> Check:
+        """Run one test; a test that raises is a failed check that names the error."""
+        try:
+            return self._tests[name].fn(ctx)
+        except Exception as exc:  # a broken check must fail itself, not the whole suite
+            log.warning("acceptance test %s raised: %s", name, traceback.format_exc())
+            return Check(passed=False, reason=f"error: {type(exc).__name__}: {exc}")
+
     def run(self, ctx: RunContext, on_result: Callable[[TestResult], None] | None = None) -> list[TestResult]:
         """Run every applicable test; a test that raises is a failed test, never a crashed suite."""
         results = []
         for t in self.applicable(ctx.spec):
             started = time.monotonic()
-            try:
-                check = t.fn(ctx)
-            except Exception as exc:  # a broken check must fail itself, not the whole suite
-                log.warning("acceptance test %s raised: %s", t.name, traceback.format_exc())
-                check = Check(passed=False, reason=f"error: {type(exc).__name__}: {exc}")
+            check = self.check(t.name, ctx)
             result = TestResult(
                 name=t.name,
                 category=t.category,

@@ -65,7 +65,12 @@ class Metrics:
         self.gate_trips = Counter("optrun_gate_trips_total", "Safety gate trips.", ["gate"], registry=r)
         self.recoveries = Counter(
             "optrun_recoveries_total",
-            "Recoveries performed (rollback, skip, micro-batch halving).",
+            "Recoveries performed (rollback to a checkpoint, skipped batch).",
+            registry=r,
+        )
+        self.oom_backoffs = Counter(
+            "optrun_oom_backoffs_total",
+            "Out-of-memory back-offs (the micro-batch halved); no recovery.",
             registry=r,
         )
         self.stage_seconds = Gauge(
@@ -149,6 +154,10 @@ class Metrics:
         self.recoveries.inc()
         self.record("recovery", step=step, action=action)
 
+    def oom_backoff(self, *, step: int, micro_batches: int) -> None:
+        self.oom_backoffs.inc()
+        self.record("oom-backoff", step=step, micro_batches=micro_batches)
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics on `port` (0 picks a free one) for the rest of the process; returns the port."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
@@ -160,3 +169,4 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+            self._server = None  # an endpoint opened again later (a scrape of its own) closes on its own

@@ -234,14 +234,17 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
 
     watchdog = Watchdog(metrics, spec.safety.hang_timeout_seconds, on_hang)
     watchdog.start()
-    results: dict[str, Any] = {"metrics": metrics, "metrics_port": port}
+    # The watchdog's reports, for the acceptance tests (safety.no-hang) and the safety summary.
+    results: dict[str, Any] = {"metrics": metrics, "metrics_port": port, "hangs": hang_events}
     stages = _Stages(obs, metrics, results)
     try:
         with stages.run("detect"):
             ctx = _detect(spec, opts, results, d)
         o = spec.optimizations
         with stages.on_lineage("baseline", ctx):
-            ctx.results["baseline"] = evaluate(ctx.model, ctx.eval_batches(), ctx.device, ctx.dtype)
+            # An out-of-memory error here (past the evaluation's own back-off) is a failed
+            # baseline that the tests against it report, not a run without a report.
+            _optional(ctx, "baseline", lambda: _baseline(ctx))
         _stage(
             stages, ctx, "kernels", o.kernels.enabled, "spec.optimizations.kernels.enabled is false", _kernels
         )
@@ -281,6 +284,7 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
                 on_result=lambda r: (
                     obs.test(r),
                     metrics.acceptance_tests.labels(outcome="passed" if r.passed else "failed").inc(),
+                    metrics.progress(),  # each finished test is progress: the suite takes minutes
                 ),
             )
         with stages.run("report"):
@@ -354,6 +358,11 @@ def _stage(
         _optional(ctx, name, lambda: fn(ctx))
 
 
+def _baseline(ctx: RunContext) -> None:
+    assert ctx.model is not None
+    ctx.results["baseline"] = evaluate(ctx.model, ctx.eval_batches(), ctx.device, ctx.dtype)
+
+
 def _kernels(ctx: RunContext) -> None:
     assert ctx.model is not None
     ctx.model = importlib.import_module("optrun.runtime.kernels").run(ctx, ctx.model)
@@ -420,6 +429,12 @@ def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> 
             break
         except Interrupted:
             raise
+        except torch.OutOfMemoryError as exc:
+            # Past the trainer's own back-offs (micro-batch, evaluation rows): another attempt
+            # would meet the same memory. Reported: the training tests fail and say why.
+            log.error("training ran out of memory: %s", exc)
+            info["error"] = f"OutOfMemoryError: {exc}"
+            break
         except (InjectedFault, RuntimeError) as exc:
             log.error("attempt %d of training failed: %s", attempt, exc)
             info["error"] = f"{type(exc).__name__}: {exc}"
@@ -437,6 +452,8 @@ def train(ctx: RunContext, model: CausalLM, opts: RunOptions, obs: Observer) -> 
         losses=trainer.losses,
         trips=dict(trainer.book.trips),
         recoveries=trainer.book.recoveries,
+        oom_backoffs=trainer.book.oom_backoffs,
+        scaler_overflows=trainer.book.scaler_overflows,
         events=trainer.book.events,
         step_seconds=trainer.step_times,
     )
@@ -490,14 +507,15 @@ def _result(
         if isinstance(ctx.results.get("compression"), dict)
         else None
     )
-    recoveries = train_info.get("recoveries", 0)
-    if gate:
+    if gate:  # a trip of the compression gate keeps a tensor in full precision: no recovery
         trips["reconstruction_error"] = gate.get("trips", 0)
-        recoveries += gate.get("trips", 0)
     failed_gate = train_info.get("gate_failed")
     safety = SafetySummary(
         trips=trips,
-        recoveries=recoveries,
+        recoveries=train_info.get("recoveries", 0),
+        oom_backoffs=train_info.get("oom_backoffs", 0),
+        hangs=len(hang_events),
+        scaler_overflows=train_info.get("scaler_overflows", 0),
         events=train_info.get("events", []) + hang_events,
         failed_gate=failed_gate,
     )

@@ -17,7 +17,7 @@ Stage entry point `apply(ctx, model)`, for `spec.optimizations.compression`:
 It fills ``ctx.results["compression"]``::
 
     {"codec": "int8", "target": "weights", "maxReconstructionError": 0.02,
-     "gate": {"trips": n, "tensors": m, "recoveries": n, "failed": bool},   # safety trips
+     "gate": {"trips": n, "tensors": m, "failed": bool},   # safety trips (kept tensors, no recovery)
      "weights": {GateReport.to_dict() (per-tensor error, SQNR, ratio), "memory": {...},
                  "parity": {perplexities, perplexityRise, greedyAgreement}},
      "gradients": {"hooks": {"allreduce": {...}, "<codec>": {...}}, "bytesRatio": x,
@@ -131,7 +131,6 @@ def from_training(ctx: RunContext, stats: dict[str, Any]) -> dict[str, Any]:
         "gate": {
             "trips": stats["gate"]["trips"],
             "tensors": checks,
-            "recoveries": stats["gate"]["trips"],
             "failed": checks > 0 and stats["gate"]["trips"] == checks,
         },
     }
@@ -177,7 +176,6 @@ def gradient_comparison(ctx: RunContext, cfg: Compression) -> dict[str, Any]:
         "gate": {
             "trips": g["trips"],
             "tensors": g["checks"],
-            "recoveries": g["trips"],
             "failed": g["checks"] > 0 and g["trips"] == g["checks"],
         },
         "seconds": time.monotonic() - started,
@@ -188,6 +186,5 @@ def _merge(gates: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "trips": sum(g["trips"] for g in gates),
         "tensors": sum(g["tensors"] for g in gates),
-        "recoveries": sum(g["recoveries"] for g in gates),
         "failed": any(g["failed"] for g in gates),
     }

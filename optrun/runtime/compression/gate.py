@@ -2,14 +2,15 @@
 
 A tensor is compressed only when its codec's relative reconstruction error
 ||x - D(C(x))|| / ||x|| is within `max_error`. Above the bound the tensor is kept in full
-precision: that is a gate trip, and keeping the original is its recovery (the run goes on with
-a correct tensor). A tensor whose payload would not be smaller than itself is kept as well, but
+precision: that is a gate trip, answered by keeping the original (the run goes on with a correct
+tensor). A tensor whose payload would not be smaller than itself is kept as well, but
 that is not a trip (nothing was wrong with the codec, compression just does not pay). If every
 tensor the gate saw tripped, the gate has failed: the codec does not suit this model at this
 bound, and the run reports it as a safety failure rather than pretending it compressed anything.
 
 `GateReport.summary()` is the form the orchestrator adds to the run's safety trips:
-``{"trips": n, "tensors": m, "recoveries": n, "failed": bool}``.
+``{"trips": n, "tensors": m, "failed": bool}``: a trip keeps a correct tensor, so it is no
+recovery of the run's (those are the training's rollbacks, against maxRecoveries).
 """
 
 from __future__ import annotations
@@ -71,11 +72,6 @@ class GateReport:
         return sum(r.tripped for r in self.records)
 
     @property
-    def recoveries(self) -> int:
-        # Each trip is recovered by keeping that tensor in full precision.
-        return self.trips
-
-    @property
     def compressed(self) -> int:
         return sum(r.compressed for r in self.records)
 
@@ -113,7 +109,6 @@ class GateReport:
         return {
             "trips": self.trips,
             "tensors": self.tensors,
-            "recoveries": self.recoveries,
             "failed": self.failed,
         }
 

@@ -4,13 +4,15 @@ Stage entry point `run(ctx, model)` (after training, on the trained model) store
 `ctx.results["kvcache"]`:
   dtype, reference        the spec's cache dtype and the full-precision one (the model's dtype)
   rows                    the sweep table: one dict per (dtype, batch, context), see `sweep.py`
-  capacity                per dtype at the longest context: bytes_per_token, largest_batch, and
-                          their ratios to the reference and to fp16
+  capacity                per dtype at the longest context: bytes_per_token and largest_batch
+                          measured by allocating a cache on the device (layout_bytes_per_token
+                          and layout_largest_batch: the layout formula's, beside), and their
+                          ratios to the reference and to fp16
   throughput_scaling      per dtype: decode tokens/s at the largest batch over the smallest
   parity                  greedy with the reference cache against no cache: match_rate (1.0 = equal)
   agreement               per dtype: greedy token agreement with the reference cache
                           (free_running, teacher_forced, prefix)
-  reconstruction_error    per quantized dtype: worst relative error of keys and values over the
+  reconstruction_error    per dtype (the reference's too): worst relative error of keys and values over the
                           layers, the model's own activations streamed token by token
   plot, skipped, memory_budget_bytes, seconds
 `cache_factory(cfg, dtype, device)` gives the speedup matrix its `(batch, max_len) -> cache` builder.
@@ -92,9 +94,7 @@ def evaluate_fidelity(
     model.eval()
     model(context, capture, 0)
     errors: dict[str, dict[str, float]] = {}
-    for d in dtypes:
-        if d == reference:
-            continue
+    for d in dtypes:  # the reference too: its round trip must be exact, and is measured like the rest
         per_layer = [reconstruction_error(capture.k[i], capture.v[i], d) for i in range(cfg.n_layers)]
         errors[d] = {kind: max(e[kind] for e in per_layer) for kind in ("key", "value")}
     return {"parity": parity, "agreement": agreement, "reconstruction_error": errors}
@@ -142,7 +142,7 @@ def run(ctx: RunContext, model: nn.Module) -> None:
         if sweep["rows"]
         else model.cfg.max_seq_len
     )
-    cap = capacity(model.cfg, longest, dtypes, budget)
+    cap = capacity(model.cfg, longest, dtypes, budget, device)
     for d, c in cap.items():
         c["ratio_bytes_vs_reference"] = c["bytes_per_token"] / cap[reference]["bytes_per_token"]
         c["ratio_bytes_vs_fp16"] = (
@@ -154,9 +154,10 @@ def run(ctx: RunContext, model: nn.Module) -> None:
         )
         if d in QUANT_DTYPES:
             log.info(
-                "kv %s: %.1f bytes/token (%.3fx of %s), largest batch %d at C=%d",
+                "kv %s: %.1f bytes/token allocated (layout %.1f; %.3fx of %s), largest batch %d at C=%d",
                 d,
                 c["bytes_per_token"],
+                c["layout_bytes_per_token"],
                 c["ratio_bytes_vs_reference"],
                 reference,
                 c["largest_batch"],

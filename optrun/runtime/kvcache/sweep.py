@@ -213,16 +213,44 @@ def run_sweep(
     }
 
 
+def allocated_bytes(model_cfg: Any, context: int, dtype: str, device: torch.device | str = "cpu") -> int:
+    """Bytes a cache for one sequence of `context` tokens takes when it is allocated: the
+    allocator's peak above what was held before on a GPU, the tensors' storage bytes on the CPU
+    (which has no allocator statistics)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        cache = make_cache(model_cfg, 1, context, dtype, device)
+        synchronize(device)
+        used = torch.cuda.max_memory_allocated(device) - before
+        del cache
+        return int(used)
+    cache = make_cache(model_cfg, 1, context, dtype, device)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache._tensors.values()}
+    return int(sum(storages.values()))
+
+
 def capacity(
-    model_cfg: Any, context: int, dtypes: Sequence[str], budget_bytes: int
+    model_cfg: Any,
+    context: int,
+    dtypes: Sequence[str],
+    budget_bytes: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Per dtype: bytes per token slot and largest batch at `context` within `budget_bytes`."""
+    """Per dtype: bytes per token slot and largest batch at `context` within `budget_bytes`, from
+    a cache allocated on `device` (a cache is linear in the batch, so one sequence's allocation
+    says how many fit), and the layout formula's figures beside (`layout_*`)."""
     out = {}
     for d in dtypes:
-        total = cache_bytes(model_cfg, 1, context, d)
+        per_sequence = allocated_bytes(model_cfg, context, d, device)
+        formula = cache_bytes(model_cfg, 1, context, d)
         out[d] = {
-            "bytes_per_token": total / context,
-            "largest_batch": largest_batch(model_cfg, context, d, budget_bytes),
+            "bytes_per_token": per_sequence / context,
+            "largest_batch": int(budget_bytes // per_sequence) if per_sequence else 0,
+            "layout_bytes_per_token": formula / context,
+            "layout_largest_batch": largest_batch(model_cfg, context, d, budget_bytes),
         }
     return out
 

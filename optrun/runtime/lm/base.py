@@ -29,6 +29,7 @@ next-token accuracy) and `fingerprint` (what the lineage record compares between
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,8 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from optrun.runtime.kernels.patcher import Binding
     from optrun.runtime.lm.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -158,24 +161,47 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Held-out loss (mean cross-entropy), perplexity and next-token accuracy over fixed batches."""
+    """Held-out loss (mean cross-entropy), perplexity and next-token accuracy over fixed batches.
+    A batch that runs out of memory is evaluated in halves (rows), down to one row."""
     was_training = model.training
     model.eval()
     losses, correct, total = [], 0, 0
     try:
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with autocast(device, dtype):
-                logits = model(x)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-            correct += int((logits.argmax(-1) == y).sum().item())
-            total += y.numel()
+            loss, right, n = _evaluate_rows(model, x.to(device), y.to(device), device, dtype)
+            losses.append(loss)
+            correct += right
+            total += n
     finally:
         model.train(was_training)
     if not losses:
         raise ValueError("batches: no held-out batch to evaluate on")
     loss = sum(losses) / len(losses)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / total}
+
+
+def _evaluate_rows(
+    model: nn.Module, x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype
+) -> tuple[float, int, int]:
+    """(mean loss, correct tokens, tokens) of one batch; on an out-of-memory error, of its two
+    halves combined by their token counts (the same figures, in two smaller forwards)."""
+    try:
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+        return loss, int((logits.argmax(-1) == y).sum().item()), y.numel()
+    except torch.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    log.warning(
+        "evaluation ran out of memory at %d rows: evaluating %d and %d", x.shape[0], half, x.shape[0] - half
+    )
+    a, b = (_evaluate_rows(model, x[s], y[s], device, dtype) for s in (slice(None, half), slice(half, None)))
+    n = a[2] + b[2]
+    return (a[0] * a[2] + b[0] * b[2]) / n, a[1] + b[1], n
 
 
 @torch.no_grad()

@@ -75,14 +75,18 @@ def train_rlvr(
     seed: int,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     replay: Replay | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Warm-up, pre-RL evaluation, GRPO, post-RL evaluation of `policy` (trained in place)."""
+    """Warm-up, pre-RL evaluation, GRPO, post-RL evaluation of `policy` (trained in place);
+    `on_progress` is told of every warm-up step and finished phase (GRPO steps go to `on_step`)."""
+    progress = on_progress or (lambda: None)
     task = get_task(cfg.task)
     combined(dict(cfg.rewards))  # an unknown reward name fails here, before any training
     started = time.monotonic()
     seconds: dict[str, float] = {}
     problems = heldout_set(task, cfg.eval_problems, cfg.max_digits)
     initial = evaluate(policy, problems, task, cfg.max_digits)
+    progress()
     rng = random.Random(seed)
     probe = sample(task, PROBE_PROBLEMS, cfg.max_digits, random.Random(seed + 1))  # training split
     t = time.monotonic()
@@ -97,10 +101,12 @@ def train_rlvr(
         target_accuracy=cfg.warmup_target_accuracy,
         probe=probe,
         replay=replay,
+        on_progress=progress,
     )
     seconds["warmup"] = time.monotonic() - t
     t = time.monotonic()
     pre = evaluate(policy, problems, task, cfg.max_digits)
+    progress()
     seconds["pre_eval"] = time.monotonic() - t
     log.info(
         "rlvr %s: supervised warm-up %d steps, pre-RL held-out accuracy %.3f (format %.3f)",
@@ -188,7 +194,16 @@ def run(ctx: RunContext, model: nn.Module) -> None:
         cfg.replay_coefficient,
         ctx.spec.training.seed + 7,
     )
-    result = train_rlvr(model, cfg, seed=ctx.spec.training.seed, on_step=on_step, replay=replay)
+    result = train_rlvr(
+        model,
+        cfg,
+        seed=ctx.spec.training.seed,
+        on_step=on_step,
+        replay=replay,
+        # The warm-up and the evaluations take minutes on a busy CPU: without a sign of life
+        # the watchdog would report a hang of a stage that is working.
+        on_progress=metrics.progress if metrics is not None else None,
+    )
     after = lm.evaluate(model, ctx.eval_batches(), ctx.device, ctx.dtype)
     result["policy_init"] = "trained"
     # What RL on the task did to the model's language modelling on the run's own held-out data.

@@ -191,6 +191,7 @@ def supervised_warmup(
     probe: list[Problem] | None = None,
     check_every: int = 25,
     replay: Replay | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced next-token training on prompt -> answer + EOS (loss on the answer only).
 
@@ -199,6 +200,7 @@ def supervised_warmup(
     match on `probe` (training problems, never held-out ones) reaches `target_accuracy`: the
     step at which a small model "gets" carrying varies by seed several-fold, and GRPO needs a
     policy that is right often enough to have signal and wrong often enough to have room.
+    `on_progress` is called after every step (the run's watchdog sees the warm-up move).
     Returns {"steps": taken, "losses": per step, "probe_accuracy": [[step, accuracy], ...]}."""
     if target_accuracy is not None and not probe:
         raise ValueError("target_accuracy needs a non-empty probe set of training problems")
@@ -224,6 +226,8 @@ def supervised_warmup(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        if on_progress is not None:
+            on_progress()
         if target_accuracy is not None and probe and step % check_every == 0:
             acc = evaluate(model, probe, task, max_digits)["accuracy"]
             checks.append([step, acc])

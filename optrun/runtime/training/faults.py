@@ -32,6 +32,9 @@ class FaultInjector:
         self.faults = list(faults)
         self.rank = rank
         self.fired: set[int] = set()  # indexes of one-shot faults that already fired
+        # Step at which each loss-side fault fired in this process: it keeps firing for the whole
+        # of that step, so a step retried (at a lower fp16 loss scale) meets the same fault.
+        self.firing: dict[int, int] = {}
 
     def _fires(self, i: int, f: Fault, step: int) -> bool:
         if f.rank is not None and f.rank != self.rank:
@@ -40,9 +43,12 @@ class FaultInjector:
             return step >= f.at_step
         return step == f.at_step and i not in self.fired
 
-    def _due(self, step: int, kind: str) -> bool:
+    def _due(self, step: int, kind: str, *, whole_step: bool = False) -> bool:
         for i, f in enumerate(self.faults):
+            if f.type == kind and whole_step and self.firing.get(i) == step:
+                return True
             if f.type == kind and self._fires(i, f, step):
+                self.firing[i] = step
                 self.fired.add(i)
                 log.warning(
                     "injecting fault %s at step %d%s", kind, step, " (persistent)" if f.persistent else ""
@@ -64,9 +70,9 @@ class FaultInjector:
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss-side faults: a non-finite loss, or an exploding gradient (loss scaled by 1e12)."""
-        if self._due(step, "nan-loss"):
+        if self._due(step, "nan-loss", whole_step=True):
             return loss * float("nan")
-        if self._due(step, "exploding-gradient"):
+        if self._due(step, "exploding-gradient", whole_step=True):
             return loss * 1e12
         return loss
 

@@ -9,7 +9,8 @@ Recovery: a tripped gate (non-finite loss, vanished or exploded gradients) is an
 `spec.safety.nonFiniteLoss`: `rollback` restores the last good checkpoint, skips the offending
 batch when it comes round again and halves the learning rate; `skip` drops the batch; `fail`
 stops. An out-of-memory error halves the micro-batch (gradient accumulation keeps the
-effective batch). Each recovery counts against `maxRecoveries`; past it the gate fails. The
+effective batch): an out-of-memory back-off, counted as such, not as a recovery. Each recovery
+(rollback, skip) counts against `maxRecoveries`; past it the gate fails. The
 recovery bookkeeping (trips, recoveries, skipped steps, learning-rate scale) is never rolled
 back: a rollback undoes training, not the memory of why it happened.
 """
@@ -52,6 +53,10 @@ class Interrupted(RuntimeError):
     """Training stopped on request (SIGTERM) after writing a checkpoint."""
 
 
+class _ScalerOverflow(Exception):
+    """The fp16 loss scale overflowed the gradients of this step (see Trainer._scaler_overflow)."""
+
+
 @dataclass
 class Bookkeeping:
     """What survives a rollback."""
@@ -62,6 +67,12 @@ class Bookkeeping:
     recoveries: int = 0
     trips: dict[str, int] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # fp16: steps whose scaled gradients overflowed and were retried at a lower loss scale (the
+    # GradScaler's ordinary business, not a gate trip: nothing is rolled back).
+    scaler_overflows: int = 0
+    # Out-of-memory back-offs: each halves the micro-batch (bounded by the batch size, so no
+    # budget of its own; not a recovery: nothing was wrong with the training).
+    oom_backoffs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +82,8 @@ class Bookkeeping:
             "recoveries": self.recoveries,
             "trips": dict(self.trips),
             "events": list(self.events),
+            "scaler_overflows": self.scaler_overflows,
+            "oom_backoffs": self.oom_backoffs,
         }
 
     @classmethod
@@ -82,6 +95,8 @@ class Bookkeeping:
             recoveries=d["recoveries"],
             trips=dict(d["trips"]),
             events=list(d["events"]),
+            scaler_overflows=d.get("scaler_overflows", 0),  # older checkpoints have none
+            oom_backoffs=d.get("oom_backoffs", 0),
         )
 
 
@@ -250,6 +265,12 @@ class Trainer:
             except InjectedFault:
                 self._remember_fired_faults()
                 raise
+            except _ScalerOverflow:
+                # The step again at half the loss scale (the scaler would skip it and lose the batch).
+                self.scaler.update(self.scaler.get_scale() / 2.0)  # also ends the scaler's step
+                self.book.scaler_overflows += 1
+                self.metrics.record("scaler-overflow", step=step, scale=self.scaler.get_scale())
+                continue
             except torch.OutOfMemoryError as exc:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
@@ -260,7 +281,8 @@ class Trainer:
                         "oom", f"out of memory at micro-batch size 1 (step {step})"
                     ) from exc
                 self.book.micro_batches *= 2
-                self._recovered(step, "halve-micro-batch")
+                self.book.oom_backoffs += 1
+                self.metrics.oom_backoff(step=step, micro_batches=self.book.micro_batches)
         if trip is not None:
             self._handle(trip, step)
             return
@@ -310,7 +332,19 @@ class Trainer:
         trip = check_gradients(norms, self.spec.safety.gradient_flow)
         if trip is not None:
             self.optimizer.zero_grad(set_to_none=True)
+            if self._scaler_overflow(norms):
+                raise _ScalerOverflow
+            if self.scaler.is_enabled():  # no optimizer step follows: end the scaler's step as it stands
+                self.scaler.update(self.scaler.get_scale())
         return trip, total
+
+    def _scaler_overflow(self, norms: dict[str, float]) -> bool:
+        """fp16: non-finite gradients while the loss scale can still come down are the scaled
+        backward overflowing, which the GradScaler answers by lowering the scale. At a scale of
+        1 or below they are the gradients' own, and the gate's."""
+        if not self.scaler.is_enabled() or all(math.isfinite(n) for n in norms.values()):
+            return False
+        return self.scaler.get_scale() > 1.0
 
     def _advance(self, *, skipped: bool) -> None:
         self.scheduler.step()

@@ -160,6 +160,20 @@ def test_a_run_that_needed_recoveries_is_medium_risk() -> None:
     assert judge(tests, Acceptance(), safety=recovered).risk_level == "medium"
 
 
+@pytest.mark.parametrize(
+    ("safety", "risk"),
+    [
+        (SafetySummary(trips={"oom": 1}, oom_backoffs=1), "medium"),
+        (SafetySummary(trips={"hang": 1}, hangs=1), "medium"),
+        # A compression tensor kept in full precision, fp16 overflows retried: nothing to worry about.
+        (SafetySummary(trips={"reconstruction_error": 4}), "low"),
+        (SafetySummary(scaler_overflows=3), "low"),
+    ],
+)
+def test_what_went_wrong_raises_the_risk_by_its_own_name(safety: SafetySummary, risk: str) -> None:
+    assert judge(suite(10, 0), Acceptance(), safety=safety).risk_level == risk
+
+
 # --- the result contract -------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ def test_default_weights_give_the_design_score() -> None:
             "safetyGates": 1.0,
             "passRate": 6 / 8,
             "nonCriticalFailures": 4 / 6,  # 6 non-critical tests, 2 of them failed
-            "gpuStability": 1 / 2,
+            "stability": 1 / 2,
         }
     )
     # 0.40 * 0.5 + 0.20 * 1 + 0.15 * 0.75 + 0.15 * 2/3 + 0.10 * 0.5
@@ -53,14 +53,14 @@ def test_default_weights_give_the_design_score() -> None:
         "safetyGates": 0.20,
         "passRate": 0.15,
         "nonCriticalFailures": 0.15,
-        "gpuStability": 0.10,
+        "stability": 0.10,
     }
 
 
 def test_unmeasured_parts_share_their_weight_among_the_measured_ones() -> None:
     tests = [make("infra.detect", C, True, True), make("kv.speedup", T, False, False)]
     card = judge(tests, Acceptance()).scorecard
-    assert card.unmeasured == ["safetyGates", "gpuStability"]
+    assert card.unmeasured == ["safetyGates", "stability"]
     assert set(card.parts) == {"criticalInfrastructure", "passRate", "nonCriticalFailures"}
     # (0.40 * 1 + 0.15 * 0.5 + 0.15 * 0) / (0.40 + 0.15 + 0.15)
     assert judge(tests, Acceptance()).score == round(0.475 / 0.70, 4)
@@ -91,10 +91,10 @@ def test_zero_weight_on_every_measured_part_falls_back_to_the_pass_rate() -> Non
         safety_gates=0.5,
         pass_rate=0.0,
         non_critical_failures=0.0,
-        gpu_stability=0.0,
+        stability=0.0,
     )
     verdict = judge(tests, Acceptance(weights=weights))
-    assert verdict.scorecard.unmeasured == ["criticalInfrastructure", "safetyGates", "gpuStability"]
+    assert verdict.scorecard.unmeasured == ["criticalInfrastructure", "safetyGates", "stability"]
     assert verdict.score == round(2 / 3, 4)
 
 
@@ -106,6 +106,6 @@ def test_moving_weight_onto_the_failing_category_lowers_the_score() -> None:
         safety_gates=0.20,
         pass_rate=0.15,
         non_critical_failures=0.15,
-        gpu_stability=0.40,
+        stability=0.40,
     )
     assert judge(tests, Acceptance(weights=heavy)).score < judge(tests, Acceptance(weights=light)).score

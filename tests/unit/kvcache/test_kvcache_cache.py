@@ -139,3 +139,17 @@ def test_grouped_query_attention_shapes_are_cached_per_kv_head():
 def test_bad_arguments_fail_with_a_message_naming_them(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         call()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_capacity_is_measured_by_allocation_with_the_layout_beside(dtype: str) -> None:
+    # The storage a real cache allocates and the layout formula are two computations of one
+    # figure: on the CPU they agree, and the capacity reports both.
+    from optrun.runtime.kvcache.sweep import allocated_bytes, capacity
+
+    cfg = PRESETS["tiny-lm"]
+    allocated = allocated_bytes(cfg, 96, dtype)
+    assert allocated == kv.cache_bytes(cfg, 1, 96, dtype)
+    cap = capacity(cfg, 96, [dtype], budget_bytes=10 * allocated + 1)[dtype]
+    assert cap["bytes_per_token"] == cap["layout_bytes_per_token"] == allocated / 96
+    assert cap["largest_batch"] == cap["layout_largest_batch"] == 10

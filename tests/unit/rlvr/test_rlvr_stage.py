@@ -100,3 +100,25 @@ def test_an_unknown_reward_name_fails_before_training(tmp_path):
         ValueError, match="unknown reward 'brevity'; allowed: digit-match, exact-match, format"
     ):
         rlvr.run(ctx, ctx.model_factory())
+
+
+@pytest.mark.slow  # a minute on a busy 2-core machine, like the stage's other tests
+def test_the_warm_up_tells_the_watchdog_it_is_moving(tmp_path):
+    # A stage of minutes must show progress all along, or the run's watchdog reports a hang of a
+    # stage that works (the quickstart's warm-up ran past hangTimeoutSeconds on a busy CPU).
+    from optrun.runtime.metrics import Metrics
+
+    class Counting(Metrics):
+        calls = 0
+
+        def progress(self) -> None:
+            self.calls += 1
+            super().progress()
+
+    ctx = _ctx(tmp_path, steps=1, warmupSteps=3, evalProblems=10, groupSize=2, promptsPerStep=1)
+    ctx.results["metrics"] = metrics = Counting()
+    rlvr.run(ctx, ctx.model_factory())
+    rl_steps = len(ctx.results["rlvr"]["curve"])
+    warm = ctx.results["rlvr"]["warmup_steps"]
+    # Every warm-up step and GRPO step, and the evaluations before and after the warm-up.
+    assert warm >= 1 and metrics.calls >= warm + rl_steps + 2

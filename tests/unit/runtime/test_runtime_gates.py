@@ -143,7 +143,8 @@ def test_simulated_oom_halves_the_micro_batch_and_gives_the_full_batch_step(
     halved.fit()
 
     assert halved.book.trips == {"oom": 1}
-    assert halved.book.recoveries == 1
+    # A back-off of its own name, not a recovery: nothing in the training went wrong.
+    assert halved.book.oom_backoffs == 1 and halved.book.recoveries == 0
     assert halved.book.micro_batches == 2
     assert halved.book.events[0]["action"] == "halve-micro-batch"
     # Steps 0 and 1 are identical; step 2 ran as two micro-batches of 4 with accumulated gradients.
@@ -199,3 +200,37 @@ def test_fired_faults_survive_a_resume_after_a_rollback(make_trainer: MakeTraine
     assert second.faults.state() == [0]
     assert second.book.trips == {"nan_loss": 1}
     assert second.book.recoveries == 1
+
+
+def test_fp16_loss_scale_overflow_is_the_scalers_not_a_rollback(make_trainer: MakeTrainer) -> None:
+    # A loss scale of 2^60 overflows every fp16 backward: the scaler's ordinary business. The
+    # step is retried at half the scale until it fits; nothing trips, nothing rolls back.
+    spec = small_spec(training={"epochs": 1, "stepsPerEpoch": 3}, workload={"precision": "fp16"})
+    trainer = make_trainer(spec)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    trainer.fit()
+    assert trainer.book.trips == {} and trainer.book.recoveries == 0
+    assert trainer.book.scaler_overflows >= 1
+    assert trainer.scaler.get_scale() < 2.0**60
+    assert [s for s, _ in trainer.losses] == [0, 1, 2]
+    assert finite(trainer.model)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_an_exploding_gradient_still_rolls_back_in_half_precision(
+    make_trainer: MakeTrainer, precision: str
+) -> None:
+    # An explosion no loss scale absorbs: fp16 lowers its scale to 1 and then trips the gate;
+    # bf16 has no scaler and trips at once. Either way one rollback, and training completes.
+    spec = small_spec(
+        training={"epochs": 1, "stepsPerEpoch": 4},
+        workload={"precision": precision},
+        faults=[{"type": "exploding-gradient", "atStep": 3}],
+        safety={"nonFiniteLoss": "rollback", "maxRecoveries": 3},
+    )
+    trainer = make_trainer(spec)
+    trainer.fit()
+    assert trainer.book.trips == {"gradient_exploding": 1} and trainer.book.recoveries == 1
+    assert trainer.step == 4 and finite(trainer.model)
+    # fp16 first took the explosion for an overflow and lowered its scale; bf16 has no scale.
+    assert (trainer.book.scaler_overflows > 0) == (precision == "fp16")

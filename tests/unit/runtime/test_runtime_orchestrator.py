@@ -140,3 +140,58 @@ def test_crashed_optional_stage_is_recorded_not_fatal(tmp_path: Path, error: Exc
 
     orchestrator._optional(ctx, "rlvr", stage)
     assert ctx.results["rlvr"]["error"] == f"{type(error).__name__}: {error}"
+
+
+def _memory_limit(monkeypatch: pytest.MonkeyPatch, rows: int) -> list[int]:
+    """The tiny model's inference forward runs out of memory above `rows` rows (0: always), as a
+    device too small for the evaluation batches would; returns the row counts it refused."""
+    from optrun.runtime.model import TinyLM
+
+    refused: list[int] = []
+    forward = TinyLM.forward
+
+    def limited(self: TinyLM, tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if not self.training and kwargs.get("targets") is None and tokens.shape[0] > rows:
+            refused.append(tokens.shape[0])
+            raise torch.OutOfMemoryError(f"injected: {tokens.shape[0]} rows over a limit of {rows}")
+        return forward(self, tokens, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TinyLM, "forward", limited)
+    return refused
+
+
+def _run(tmp_path: Path) -> tuple[object, dict[str, object]]:
+    spec = small_spec(training={"epochs": 1, "stepsPerEpoch": 4, "evalBatches": 1})
+    result = orchestrator.execute(spec, RunOptions(output_dir=tmp_path))
+    return result, json.loads((tmp_path / "report.json").read_text())
+
+
+def test_out_of_memory_in_evaluation_backs_off_and_the_run_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Evaluation (the baseline's and the training's) meets a limit of 2 rows: it evaluates each
+    # batch of 4 in halves, and the run ends in a report with the baseline measured.
+    refused = _memory_limit(monkeypatch, rows=2)
+    _result, doc = _run(tmp_path)
+    assert 4 in refused
+    assert doc["details"]["stages"]["baseline"]["status"] == "ran"
+    assert doc["details"]["baseline"]["loss"] > 0
+    tests = {t["name"]: t for t in doc["tests"]}
+    assert tests["e2e.loss-decreased"]["passed"], tests["e2e.loss-decreased"]["reason"]
+    assert tests["e2e.training-completed"]["passed"]
+
+
+def test_out_of_memory_past_every_back_off_is_a_failed_test_in_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No evaluation fits at all: the baseline and the training's evaluations fail, and the run
+    # still writes its report, the failures named in the tests that needed them.
+    _memory_limit(monkeypatch, rows=0)
+    _result, doc = _run(tmp_path)
+    assert doc["details"]["stages"]["baseline"]["status"] == "failed"
+    assert "OutOfMemoryError" in doc["details"]["stages"]["baseline"]["reason"]
+    tests = {t["name"]: t for t in doc["tests"]}
+    assert not tests["e2e.loss-decreased"]["passed"]
+    assert "not measured" in tests["e2e.loss-decreased"]["reason"]
+    assert not tests["e2e.training-completed"]["passed"]
+    assert doc["decision"] == "NO_GO"
