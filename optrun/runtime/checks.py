@@ -255,11 +255,10 @@ def metrics_exported(ctx: RunContext) -> Check:
     step, the loss, the timed steps and the progress time (a run that serves no endpoint is
     scraped on a loopback one opened for this test)."""
     metrics: Metrics = ctx.results["metrics"]
-    port = ctx.results.get("metrics_port")
-    opened = port is None
+    url = ctx.results.get("metrics_url")
+    opened = url is None
     if opened:
-        port = metrics.serve(0, "127.0.0.1")
-    url = f"http://127.0.0.1:{port}/metrics"
+        url = f"http://127.0.0.1:{metrics.serve(0, '127.0.0.1')}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()

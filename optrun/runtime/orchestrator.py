@@ -205,6 +205,13 @@ class _Stages:
         )
 
 
+def endpoint_url(addr: str, port: int) -> str:
+    """Where a /metrics endpoint listening on `addr` answers: loopback when it listens on every
+    address, else the one address it was given (a pod's IP where pods share one network namespace)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(addr, addr)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
 def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | None = None) -> Result | None:
     """Run every stage; the result (None on a rank other than 0 of a distributed run, whose part
     ends with training)."""
@@ -218,8 +225,9 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
     metrics = Metrics(out / "metrics.jsonl" if main else None)
     serve = opts.metrics_port is not None and main
     port = metrics.serve(opts.metrics_port, opts.metrics_addr) if serve else None
-    if port is not None:
-        obs.serving(f"http://127.0.0.1:{port}/metrics")
+    metrics_url = endpoint_url(opts.metrics_addr, port) if port is not None else None
+    if metrics_url is not None:
+        obs.serving(metrics_url)
     hang_events: list[dict[str, Any]] = []
 
     def on_hang(idle: float) -> None:
@@ -235,7 +243,7 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
     watchdog = Watchdog(metrics, spec.safety.hang_timeout_seconds, on_hang)
     watchdog.start()
     # The watchdog's reports, for the acceptance tests (safety.no-hang) and the safety summary.
-    results: dict[str, Any] = {"metrics": metrics, "metrics_port": port, "hangs": hang_events}
+    results: dict[str, Any] = {"metrics": metrics, "metrics_url": metrics_url, "hangs": hang_events}
     stages = _Stages(obs, metrics, results)
     try:
         with stages.run("detect"):

@@ -21,7 +21,7 @@ from optrun.runtime.acceptance import SUITE
 from optrun.runtime.compression.quantized_linear import quantize_model
 from optrun.runtime.context import RunContext
 from optrun.runtime.metrics import Metrics
-from optrun.runtime.orchestrator import load_suite
+from optrun.runtime.orchestrator import endpoint_url, load_suite
 from optrun.runtime.speedup import SPEEDUP_KEYS
 from tests.unit.runtime.runtime_support import run_context, small_spec
 
@@ -71,7 +71,8 @@ def precision_unsupported(tmp: Path) -> RunContext:
 def metrics_never_moved(tmp: Path) -> RunContext:
     """A registry nothing was recorded into, served on a live endpoint."""
     ctx = _ctx(tmp)
-    ctx.results["metrics_port"] = ctx.results["metrics"].serve(0, "127.0.0.1")
+    port = ctx.results["metrics"].serve(0, "127.0.0.1")
+    ctx.results["metrics_url"] = f"http://127.0.0.1:{port}/metrics"
     return ctx
 
 
@@ -362,3 +363,21 @@ def test_the_test_fails_with_a_reason(name: str, tmp_path: Path) -> None:
     print(f"{name}: {check.reason}")
     assert check.passed is False, check.reason
     assert len(check.reason) > 15, f"{name}: a reason a person understands, got {check.reason!r}"
+
+
+def test_metrics_are_scraped_where_the_run_serves_them_not_on_loopback(tmp_path: Path) -> None:
+    """A pod's runtime listens on its pod IP only (pods sharing one network namespace): the test
+    scrapes that address, and passes once the figures moved (the case above shows it can fail)."""
+    ctx = _ctx(tmp_path)
+    metrics: Metrics = ctx.results["metrics"]
+    metrics.train_step(epoch=0, step=3, loss=2.5, lr=1e-3, seconds=0.01, tokens=64)
+    port = metrics.serve(0, "127.0.0.2")  # all of 127/8 is loopback on Linux; 127.0.0.1 is not bound
+    ctx.results["metrics_url"] = endpoint_url("127.0.0.2", port)  # what the orchestrator records
+    try:
+        check = SUITE.check("infra.metrics-exported", ctx)
+    finally:
+        metrics.close()
+    assert check.passed, check.reason
+    assert "127.0.0.2" in check.reason and "step 3" in check.reason
+    assert endpoint_url("0.0.0.0", 9090) == "http://127.0.0.1:9090/metrics"
+    assert endpoint_url("fd00::5", 9090) == "http://[fd00::5]:9090/metrics"
