@@ -90,7 +90,9 @@ def init(spec: OptimizationRunSpec, device: torch.device) -> Dist | None:
         dist.init_process_group(
             backend,
             timeout=dt.timedelta(seconds=spec.distributed.timeout_seconds),
-            device_id=device if device.type == "cuda" else None,
+            # NCCL binds the group to this rank's own GPU: torch refuses a device without an
+            # index, and every rank on "cuda" would be every rank on GPU 0.
+            device_id=device_for(local, device) if device.type == "cuda" else None,
         )
     log.info("rank %d of %d (%s, %s)", rank, world, backend, spec.distributed.strategy)
     return Dist(
