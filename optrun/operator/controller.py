@@ -387,7 +387,7 @@ class Controller:
         views: dict[str, PodView] = {}
         for name, (pod, deleted) in self.cache.pods(uid, pods_index).items():
             view = PodView.from_pod(pod)
-            views[name] = view if not deleted or view.finished else PodView.gone(name, view.attempt)
+            views[name] = view if not deleted or view.finished else view.vanished()
         expected = reconcile.expected_pods(run)
         for name in expected:
             if name in views or meta.get("deletionTimestamp"):

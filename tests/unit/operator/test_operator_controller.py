@@ -1,7 +1,7 @@
-"""The controller between kopf and the reconcile, without a cluster: the pod-event handler and the
-looks it queues again when one fails. `MemoryApi` stands in for the API client
-(optrun.operator.kube.Kube): it keeps the objects it is given, with resourceVersions as the API
-server gives them, and fails the creates a test asks it to fail."""
+"""The controller between kopf and the reconcile, without a cluster: the pod-event handler, the
+looks it queues again when one fails, and what a deleted pod's last state says. `MemoryApi`
+stands in for the API client (optrun.operator.kube.Kube): it keeps the objects it is given, with
+resourceVersions as the API server gives them, and fails the creates a test asks it to fail."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from optrun.operator.controller import Controller
 from optrun.operator.kube import ApiError
 from optrun.operator.main import on_pod_event
 from tests.support.waiting import wait_for
-from tests.unit.operator.helpers import UID, config, run_body
+from tests.unit.operator.helpers import SPEC, UID, config, run_body, stamp
 
 POD_1, POD_2 = builders.pod_name("demo", 1), builders.pod_name("demo", 2)
 SPEC_CM = builders.configmap_name("demo")
@@ -80,13 +80,21 @@ class MemoryApi:
 
     # --- what the kubelet and people do -------------------------------------------------------
 
-    def kubelet_reports(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    def kubelet_reports(self, name: str, status: dict[str, Any], *, deleting: bool = False) -> dict[str, Any]:
         """The pod's status as a kubelet writes it; the pod as the watch then shows it."""
         with self.lock:
             pod = self.objects["Pod", name]
             pod["spec"]["nodeName"] = "gpu-node-0"
             pod["status"] = copy.deepcopy(status)
+            if deleting:
+                pod["metadata"]["deletionTimestamp"] = stamp(1)
             return self._stamp(pod)
+
+    def force_delete(self, name: str) -> dict[str, Any]:
+        """`kubectl delete --force --grace-period=0`: gone at once; the watch's DELETED event
+        carries the pod's last state."""
+        with self.lock:
+            return self._stamp(self.objects.pop(("Pod", name)))
 
     def pods(self) -> list[str]:
         with self.lock:
@@ -169,3 +177,35 @@ def test_a_pod_event_whose_look_fails_with_a_bug_is_logged_with_its_traceback_an
     assert record.exc_info is not None and record.exc_info[0] is KeyError
     wait_for(lambda: api.status().get("attempts") == 2, timeout=15, message="attempt 2 started by a retry")
     assert api.pods() == [POD_1, POD_2]
+
+
+# --- a deleted pod's last state ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("condition", "counted"),
+    [
+        # kubectl drain: the Eviction API marks the pod, then someone force-deletes it.
+        ({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}, False),
+        ({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}, False),
+        (None, True),  # deleted by a person, for no reason the cluster gave
+    ],
+    ids=["evicted", "preempted", "deleted"],
+)
+def test_a_running_pod_force_deleted_after_a_disruption_does_not_use_up_the_backoff_limit(
+    condition: dict[str, Any] | None, counted: bool
+) -> None:
+    api, controller = _started({**copy.deepcopy(SPEC), "backoffLimit": 0})
+    running = {
+        "phase": "Running",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, *([condition] if condition else [])],
+        "containerStatuses": [{"name": builders.CONTAINER, "state": {"running": {"startedAt": stamp(30)}}}],
+    }
+    _pod_event(controller, api.kubelet_reports(POD_1, running, deleting=condition is not None))
+    _pod_event(controller, api.force_delete(POD_1), kind="DELETED")
+    st = api.status()
+    if counted:
+        assert (st["phase"], st["failedAttempts"], api.pods()) == ("Failed", 1, [])
+    else:
+        assert (st["phase"], st["attempts"], st.get("failedAttempts", 0)) == ("Recovering", 2, 0)
+        assert st["disruptedAttempts"] == 1 and api.pods() == [POD_2]
