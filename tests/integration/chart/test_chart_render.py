@@ -582,10 +582,35 @@ def test_network_policy_peers_can_be_narrowed_extended_or_dropped_by_values(helm
     assert _matches(prometheus["podSelector"], {**PROMETHEUS_POD_LABELS, "prometheus": "main"})
     assert not _matches(prometheus["podSelector"], PROMETHEUS_POD_LABELS)  # another Prometheus
     assert extra == {"ipBlock": {"cidr": "10.0.0.0/8"}}
-    # Dropped (null): only the operator and extraFrom reach the metrics port.
+    # Dropped (null): only the operator and extraFrom reach the metrics port, and NOTES say so.
     values["networkPolicy"]["prometheusFrom"] = None
     (policy,) = _kind(helm.template(values), "NetworkPolicy")
     assert [sorted(peer) for peer in policy["spec"]["ingress"][0]["from"]] == [
         ["namespaceSelector", "podSelector"],
         ["ipBlock"],
     ]
+    values["networkPolicy"]["extraFrom"] = []
+    assert "The PodMonitor's Prometheus is not admitted" in helm.notes(values)
+
+
+def test_a_cluster_wide_install_makes_a_network_policy_only_where_told_and_its_notes_say_so(
+    helm: Helm,
+) -> None:
+    # The default: cluster-wide, no namespaces named. A NetworkPolicy is namespaced: none.
+    assert not _kind(helm.template(), "NetworkPolicy")
+    notes = helm.notes()
+    assert "No NetworkPolicy was created" in notes
+    assert "--set 'networkPolicy.namespaces={ml-team-a,ml-team-b}'" in notes
+
+    told = {"networkPolicy": {"namespaces": ["ml-team-a", "ml-team-b"]}}
+    policies = _kind(helm.template(told), "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml-team-a", "ml-team-b"]
+    notes = helm.notes(told)
+    assert "No NetworkPolicy" not in notes
+    assert "NetworkPolicy optrun-runtime (in ml-team-a, ml-team-b) admits" in notes
+    assert "Runs in other namespaces get none." in notes
+
+    # Switched off: no policy, and the NOTES say what the runtime pods need instead.
+    off = {"networkPolicy": {"enabled": False, "namespaces": ["ml-team-a"]}}
+    assert not _kind(helm.template(off), "NetworkPolicy")
+    assert "networkPolicy.enabled is false" in helm.notes(off)
