@@ -2,7 +2,7 @@
 dry run) and keeps, and the rendered RBAC, operator configuration and CRD against the code they
 must match; what kube-prometheus-stack's Prometheus selects, what the aggregated roles give
 people, the PodDisruptionBudget, the explicit cluster-wide switch, the runtime pods' NetworkPolicy,
-and NOTES.txt.
+the webhook's certificate from cert-manager, and NOTES.txt.
 
 The monitoring.coreos.com CRDs are not part of the test cluster; tests/fixtures/monitoring-crds.yaml
 holds minimal structural schemas of ServiceMonitor, PodMonitor and PrometheusRule (see its header)
@@ -24,6 +24,7 @@ from optrun.cli import load_manifest
 from optrun.operator import builders, rbac
 from optrun.operator import config as operator_config
 from tests.integration.chart.helmtool import (
+    CERT_MANAGER_CRDS,
     CHART,
     KOPF_CRDS,
     MONITORING_CRDS,
@@ -151,7 +152,11 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
         {"Role", "RoleBinding", "KopfPeering"} if watched else {"ClusterRoleBinding", "ClusterKopfPeering"}
     )
     assert set(kinds) == expected
+    _accepted_with_every_field(kubectl, docs)
 
+
+def _accepted_with_every_field(kubectl: Any, docs: list[dict[str, Any]]) -> None:
+    """A server-side dry run of `docs` succeeds and keeps every field sent."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump_all(docs, f)
         f.flush()
@@ -614,3 +619,80 @@ def test_a_cluster_wide_install_makes_a_network_policy_only_where_told_and_its_n
     off = {"networkPolicy": {"enabled": False, "namespaces": ["ml-team-a"]}}
     assert not _kind(helm.template(off), "NetworkPolicy")
     assert "networkPolicy.enabled is false" in helm.notes(off)
+
+
+# --- the webhook's certificate ------------------------------------------------------------------------
+
+CERT_MANAGER = {"webhook": {"certificate": {"source": "cert-manager", "validityDays": 90}}}
+CLUSTER_ISSUER = {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}
+
+
+def _webhook_objects(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(the ValidatingWebhookConfiguration, the Service it calls, the Secret the operator serves with)."""
+    (config,) = _kind(docs, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    service_ref = hook["clientConfig"]["service"]
+    (service,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"] == service_ref["name"]]
+    assert service["metadata"]["namespace"] == service_ref["namespace"]
+    (deployment,) = _kind(docs, "Deployment")
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "webhook-tls"]
+    return config, service, volume["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("issuer", [None, CLUSTER_ISSUER], ids=["own-self-signed-issuer", "cluster-issuer"])
+def test_the_webhook_certificate_from_cert_manager_names_the_service_and_has_its_ca_injected(
+    helm: Helm, kubectl: Any, tmp_path: Path, namespace: str, issuer: dict[str, str] | None
+) -> None:
+    values = merged(CERT_MANAGER, {"webhook": {"certificate": {"issuerRef": issuer}}} if issuer else {})
+    path = tmp_path / "cert-manager.yaml"
+    path.write_text(yaml.safe_dump(values))
+    helm.run("lint", "--strict", str(CHART), "-f", str(path))
+
+    docs = helm.template(values, namespace=namespace)
+    config, service, secret = _webhook_objects(docs)
+    # cert-manager writes the Secret; helm makes none (it would fight cert-manager over it).
+    assert not _kind(docs, "Secret")
+    (certificate,) = _kind(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["metadata"]["namespace"] == namespace
+    spec = certificate["spec"]
+    assert spec["secretName"] == secret  # the Secret the operator mounts
+    name = service["metadata"]["name"]
+    # Every name the API server may call the Service by; it calls <service>.<namespace>.svc.
+    assert spec["dnsNames"] == [
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.cluster.local",
+    ]
+    assert spec["commonName"] == f"{name}.{namespace}.svc"
+    assert spec["duration"] == "2160h"  # validityDays 90
+    # The cainjector fills caBundle from the Certificate's Secret: namespace/name of the Certificate.
+    annotations = config["metadata"]["annotations"]
+    assert annotations == {"cert-manager.io/inject-ca-from": f"{namespace}/{certificate['metadata']['name']}"}
+    (hook,) = config["webhooks"]
+    assert "caBundle" not in hook["clientConfig"]  # left to the cainjector, not a stale one from helm
+
+    issuers = _kind(docs, "Issuer")
+    if issuer is None:  # the chart's own self-signed Issuer, beside the Certificate
+        (own,) = issuers
+        assert own["metadata"]["namespace"] == namespace and own["spec"] == {"selfSigned": {}}
+        assert spec["issuerRef"] == {"kind": "Issuer", "name": own["metadata"]["name"]}
+    else:  # the user's issuer, as given; the chart makes none
+        assert issuers == [] and spec["issuerRef"] == issuer
+
+    # The API server takes both as they are (the fixture's schemas prune a misspelt field).
+    apply_crds(kubectl, CERT_MANAGER_CRDS)
+    _accepted_with_every_field(kubectl, [*issuers, certificate])
+
+
+def test_the_self_signed_webhook_certificate_puts_its_ca_in_the_ca_bundle(helm: Helm) -> None:
+    docs = helm.template()
+    config, _, secret_name = _webhook_objects(docs)
+    (secret,) = _kind(docs, "Secret")
+    assert secret["metadata"]["name"] == secret_name and secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert "cert-manager.io/inject-ca-from" not in (config["metadata"].get("annotations") or {})
+    assert not _kind(docs, "Certificate") and not _kind(docs, "Issuer")
