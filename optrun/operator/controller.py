@@ -32,8 +32,8 @@ write (measured: 4 in 10 status writes when 200 runs are created at once), for n
 API errors propagate as `Retry` (the server's Retry-After, else 5 s for no answer, 429 and 5xx;
 30 s for a refusal), which the run handlers turn into a kopf.TemporaryError: kopf retries the
 handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
-pod event that fails is queued again here (`retry_later`), with the same delays: no swallowed
-error leaves a run without a next look.
+pod event that fails is queued again here (`retry_later`), with the same delays (`bug_delay` for
+anything but an API error): no swallowed error leaves a run without a next look.
 """
 
 from __future__ import annotations
@@ -309,6 +309,9 @@ class Controller:
         self.instance = socket.gethostname()
         self.status_writes = Batcher(self._write_status, workers=max(1, cfg.workers // 2), burst=self.burst)
         self.retries = Batcher(self._retry, workers=2)
+        # Seconds before another look at a run whose reconcile raised something other than an API
+        # error (a bug): it must not end the run's looks, nor hammer the API server.
+        self.bug_delay = 30.0
         # kopf's pod index (run uid -> its pods), handed over by the first handler that gets it: a
         # retry queued here runs outside kopf's handlers and reads the pods from the same index.
         self.pods_index: Mapping[str, Any] | None = None
@@ -346,7 +349,8 @@ class Controller:
                 metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
 
     def retry_later(self, uid: str, delay: float) -> None:
-        """Converge the run again in `delay` seconds (a pod-event reconcile failed)."""
+        """Converge the run again in `delay` seconds (a pod-event reconcile failed); a retry that
+        fails again is queued again, until one gets through or the run is gone."""
         self.retries.mark(uid, delay)
 
     def _retry(self, uid: str) -> None:
@@ -359,9 +363,11 @@ class Controller:
         except Retry as again:
             log.info("%s: will look again in %gs: %s", run["metadata"].get("name"), again.delay, again)
             self.retries.mark(uid, again.delay)
-        except Exception:  # a bug must not end the retries of every other run
-            log.exception("%s: reconcile failed; will look again", run["metadata"].get("name"))
-            self.retries.mark(uid, 30.0)
+        except Exception:  # a bug must not end the retries of this run or of every other run
+            log.exception(
+                "%s: reconcile failed; will look again in %gs", run["metadata"].get("name"), self.bug_delay
+            )
+            self.retries.mark(uid, self.bug_delay)
 
     def forget(self, uid: str) -> None:
         self.cache.forget(uid)
@@ -381,7 +387,7 @@ class Controller:
         views: dict[str, PodView] = {}
         for name, (pod, deleted) in self.cache.pods(uid, pods_index).items():
             view = PodView.from_pod(pod)
-            views[name] = view if not deleted or view.finished else PodView.gone(name, view.attempt)
+            views[name] = view if not deleted or view.finished else view.vanished()
         expected = reconcile.expected_pods(run)
         for name in expected:
             if name in views or meta.get("deletionTimestamp"):

@@ -263,12 +263,17 @@ def on_pod_event(
     run = controller.cache.run(uid)
     if run is None or (run.get("metadata") or {}).get("deletionTimestamp"):
         return
+    # kopf never retries an event handler (it logs the error and drops the event), and a run
+    # without a live timer gets no other look: the controller looks again itself.
+    name = run["metadata"].get("name")
     try:
         _converge(memo, run, "pod", kwargs)
     except kopf.TemporaryError as err:
-        # kopf never retries an event handler: the controller looks again itself.
-        log.info("%s: will look again in %gs: %s", run["metadata"].get("name"), err.delay or 5.0, err)
+        log.info("%s: will look again in %gs: %s", name, err.delay or 5.0, err)
         controller.retry_later(uid, err.delay or 5.0)
+    except Exception:  # not an API error: a bug, logged with its traceback, and looked at again
+        log.exception("%s: reconcile failed; will look again in %gs", name, controller.bug_delay)
+        controller.retry_later(uid, controller.bug_delay)
 
 
 async def on_run_event(event: kopf.RawEvent, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:

@@ -154,6 +154,19 @@ class PodView:
             disruption_message=str(disruption.get("message") or ""),
         )
 
+    def vanished(self) -> PodView:
+        """This pod, deleted before it finished: gone, keeping what said it was disrupted (its
+        DisruptionTarget condition, a kubelet's eviction or shutdown reason). A drained or
+        preempted pod that is then force-deleted is still a disruption, not a PodDeleted failure."""
+        disrupted_by_node = self.pod_reason in _DISRUPTED_POD_REASONS
+        return dataclasses.replace(
+            PodView.gone(self.name, self.attempt),
+            disruption_reason=self.disruption_reason,
+            disruption_message=self.disruption_message,
+            pod_reason=self.pod_reason if disrupted_by_node else "",
+            pod_message=self.pod_message if disrupted_by_node else "",
+        )
+
     @property
     def finished(self) -> bool:
         """The runtime process is over: nothing writes to the checkpoint volume any more."""

@@ -24,6 +24,7 @@ from tests.support.waiting import wait_for
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "optrun"
 MONITORING_CRDS = REPO / "tests" / "fixtures" / "monitoring-crds.yaml"
+CERT_MANAGER_CRDS = REPO / "tests" / "fixtures" / "cert-manager-crds.yaml"
 KOPF_CRDS = CHART / "crds" / "kopf-peering.yaml"
 
 

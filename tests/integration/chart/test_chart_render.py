@@ -1,7 +1,8 @@
 """The chart as helm renders it: lint, the values schema, what the API server accepts (server-side
 dry run) and keeps, and the rendered RBAC, operator configuration and CRD against the code they
 must match; what kube-prometheus-stack's Prometheus selects, what the aggregated roles give
-people, the PodDisruptionBudget, the explicit cluster-wide switch, and NOTES.txt.
+people, the PodDisruptionBudget, the explicit cluster-wide switch, the runtime pods' NetworkPolicy,
+the webhook's certificate from cert-manager, and NOTES.txt.
 
 The monitoring.coreos.com CRDs are not part of the test cluster; tests/fixtures/monitoring-crds.yaml
 holds minimal structural schemas of ServiceMonitor, PodMonitor and PrometheusRule (see its header)
@@ -20,9 +21,10 @@ import pytest
 import yaml
 
 from optrun.cli import load_manifest
+from optrun.operator import builders, rbac
 from optrun.operator import config as operator_config
-from optrun.operator import rbac
 from tests.integration.chart.helmtool import (
+    CERT_MANAGER_CRDS,
     CHART,
     KOPF_CRDS,
     MONITORING_CRDS,
@@ -150,7 +152,11 @@ def test_rendered_chart_applies_with_a_server_side_dry_run_and_keeps_every_field
         {"Role", "RoleBinding", "KopfPeering"} if watched else {"ClusterRoleBinding", "ClusterKopfPeering"}
     )
     assert set(kinds) == expected
+    _accepted_with_every_field(kubectl, docs)
 
+
+def _accepted_with_every_field(kubectl: Any, docs: list[dict[str, Any]]) -> None:
+    """A server-side dry run of `docs` succeeds and keeps every field sent."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump_all(docs, f)
         f.flush()
@@ -467,3 +473,226 @@ def test_no_pod_disruption_budget_for_one_replica_or_when_disabled(
     helm: Helm, values: dict[str, Any]
 ) -> None:
     assert not _kind(helm.template(values), "PodDisruptionBudget")
+
+
+# --- NetworkPolicy ----------------------------------------------------------------------------------
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A matchLabels-only LabelSelector (all the chart writes) against an object's labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _multi_node_pods(metrics_port: int) -> list[dict[str, Any]]:
+    """The pods the operator makes for attempt 1 of a two-node run (optrun/operator/builders.py)."""
+    body = {
+        "apiVersion": "optrun.io/v1alpha1",
+        "kind": "OptimizationRun",
+        "metadata": {"name": "mn", "namespace": "team-a", "uid": "0b9c5a52-0000-4000-8000-000000000001"},
+        "spec": {
+            "workload": {"model": "tiny-lm"},
+            "distributed": {"nodes": 2},
+            "training": {"checkpoint": {"claimName": "ckpt"}},
+        },
+    }
+    run = builders.Run.from_body(body)
+    cfg = operator_config.OperatorConfig(runtime_image="r:1", runtime_metrics_port=metrics_port)
+    return [builders.pod(run, 1, cfg, index=i) for i in range(2)]
+
+
+# The labels prometheus-operator gives every Prometheus pod it runs (kube-prometheus-stack's too):
+# pkg/prometheus/server/statefulset.go, podSelectorLabels.
+PROMETHEUS_POD_LABELS = {
+    "app.kubernetes.io/name": "prometheus",
+    "app.kubernetes.io/managed-by": "prometheus-operator",
+    "app.kubernetes.io/instance": "kps-kube-prometheus-stack-prometheus",
+    "prometheus": "kps-kube-prometheus-stack-prometheus",
+}
+
+
+@pytest.mark.parametrize("pod_monitor", [False, True], ids=["no-podmonitor", "podmonitor"])
+def test_the_network_policy_admits_the_operator_and_prometheus_to_the_metrics_port_and_a_runs_pods_to_each_other(
+    helm: Helm, pod_monitor: bool
+) -> None:
+    values = {
+        "operator": {
+            "clusterWide": False,
+            "namespaces": ["team-a", "team-b"],
+            "runtime": {"metricsPort": 9191},
+        },
+        "metrics": {"podMonitor": {"enabled": pod_monitor}},
+    }
+    docs = helm.template(values, namespace="optrun-system")
+    policies = _kind(docs, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
+    (deployment,) = _kind(docs, "Deployment")
+    operator_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pods = _multi_node_pods(9191)
+    pod_labels = [p["metadata"]["labels"] for p in pods]
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"]  # egress (NCCL to its peers) is not restricted
+        assert all(_matches(spec["podSelector"], labels) for labels in pod_labels)  # every runtime pod
+        assert not _matches(spec["podSelector"], operator_labels)
+        metrics_rule, peers_rule = spec["ingress"]
+
+        # The metrics port, the one the runtime serves /metrics on (its port named "metrics").
+        (metrics_port,) = [p for p in pods[0]["spec"]["containers"][0]["ports"] if p["name"] == "metrics"]
+        assert metrics_rule["ports"] == [{"port": metrics_port["containerPort"], "protocol": "TCP"}]
+        operator_peer, *others = metrics_rule["from"]
+        assert operator_peer["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": "optrun-system"}
+        }
+        assert _matches(operator_peer["podSelector"], operator_labels)
+        assert (
+            operator_peer["podSelector"]["matchLabels"].items()
+            <= deployment["spec"]["selector"]["matchLabels"].items()
+        )
+        if pod_monitor:
+            (prometheus,) = others
+            assert prometheus["namespaceSelector"] == {}  # wherever kube-prometheus-stack runs
+            assert _matches(prometheus["podSelector"], PROMETHEUS_POD_LABELS)
+            assert not _matches(prometheus["podSelector"], operator_labels)
+        else:
+            assert others == []  # nobody else to the metrics port
+
+        # Every port between runtime pods of the namespace: pod 1 reaches pod 0's rendezvous
+        # port (torchrun's c10d store) and the ports gloo and NCCL choose.
+        assert "ports" not in peers_rule
+        (peer,) = peers_rule["from"]
+        assert set(peer) == {"podSelector"}  # no namespaceSelector: the policy's own namespace
+        assert all(_matches(peer["podSelector"], labels) for labels in pod_labels)
+        assert not _matches(peer["podSelector"], operator_labels)
+        assert not _matches(peer["podSelector"], PROMETHEUS_POD_LABELS)
+
+
+def test_network_policy_peers_can_be_narrowed_extended_or_dropped_by_values(helm: Helm) -> None:
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    values: dict[str, Any] = {
+        "operator": {"clusterWide": False, "namespaces": ["team-a"]},
+        "metrics": {"podMonitor": {"enabled": True}},
+        "networkPolicy": {
+            # Merged into the default by helm: these labels narrow it to one Prometheus.
+            "prometheusFrom": {
+                "namespaceSelector": {"matchLabels": monitoring},
+                "podSelector": {"matchLabels": {"prometheus": "main"}},
+            },
+            "extraFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        },
+    }
+    (policy,) = _kind(helm.template(values), "NetworkPolicy")
+    _, prometheus, extra = policy["spec"]["ingress"][0]["from"]
+    assert prometheus["namespaceSelector"] == {"matchLabels": monitoring}
+    assert _matches(prometheus["podSelector"], {**PROMETHEUS_POD_LABELS, "prometheus": "main"})
+    assert not _matches(prometheus["podSelector"], PROMETHEUS_POD_LABELS)  # another Prometheus
+    assert extra == {"ipBlock": {"cidr": "10.0.0.0/8"}}
+    # Dropped (null): only the operator and extraFrom reach the metrics port, and NOTES say so.
+    values["networkPolicy"]["prometheusFrom"] = None
+    (policy,) = _kind(helm.template(values), "NetworkPolicy")
+    assert [sorted(peer) for peer in policy["spec"]["ingress"][0]["from"]] == [
+        ["namespaceSelector", "podSelector"],
+        ["ipBlock"],
+    ]
+    values["networkPolicy"]["extraFrom"] = []
+    assert "The PodMonitor's Prometheus is not admitted" in helm.notes(values)
+
+
+def test_a_cluster_wide_install_makes_a_network_policy_only_where_told_and_its_notes_say_so(
+    helm: Helm,
+) -> None:
+    # The default: cluster-wide, no namespaces named. A NetworkPolicy is namespaced: none.
+    assert not _kind(helm.template(), "NetworkPolicy")
+    notes = helm.notes()
+    assert "No NetworkPolicy was created" in notes
+    assert "--set 'networkPolicy.namespaces={ml-team-a,ml-team-b}'" in notes
+
+    told = {"networkPolicy": {"namespaces": ["ml-team-a", "ml-team-b"]}}
+    policies = _kind(helm.template(told), "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml-team-a", "ml-team-b"]
+    notes = helm.notes(told)
+    assert "No NetworkPolicy" not in notes
+    assert "NetworkPolicy optrun-runtime (in ml-team-a, ml-team-b) admits" in notes
+    assert "Runs in other namespaces get none." in notes
+
+    # Switched off: no policy, and the NOTES say what the runtime pods need instead.
+    off = {"networkPolicy": {"enabled": False, "namespaces": ["ml-team-a"]}}
+    assert not _kind(helm.template(off), "NetworkPolicy")
+    assert "networkPolicy.enabled is false" in helm.notes(off)
+
+
+# --- the webhook's certificate ------------------------------------------------------------------------
+
+CERT_MANAGER = {"webhook": {"certificate": {"source": "cert-manager", "validityDays": 90}}}
+CLUSTER_ISSUER = {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}
+
+
+def _webhook_objects(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(the ValidatingWebhookConfiguration, the Service it calls, the Secret the operator serves with)."""
+    (config,) = _kind(docs, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    service_ref = hook["clientConfig"]["service"]
+    (service,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"] == service_ref["name"]]
+    assert service["metadata"]["namespace"] == service_ref["namespace"]
+    (deployment,) = _kind(docs, "Deployment")
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "webhook-tls"]
+    return config, service, volume["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("issuer", [None, CLUSTER_ISSUER], ids=["own-self-signed-issuer", "cluster-issuer"])
+def test_the_webhook_certificate_from_cert_manager_names_the_service_and_has_its_ca_injected(
+    helm: Helm, kubectl: Any, tmp_path: Path, namespace: str, issuer: dict[str, str] | None
+) -> None:
+    values = merged(CERT_MANAGER, {"webhook": {"certificate": {"issuerRef": issuer}}} if issuer else {})
+    path = tmp_path / "cert-manager.yaml"
+    path.write_text(yaml.safe_dump(values))
+    helm.run("lint", "--strict", str(CHART), "-f", str(path))
+
+    docs = helm.template(values, namespace=namespace)
+    config, service, secret = _webhook_objects(docs)
+    # cert-manager writes the Secret; helm makes none (it would fight cert-manager over it).
+    assert not _kind(docs, "Secret")
+    (certificate,) = _kind(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["metadata"]["namespace"] == namespace
+    spec = certificate["spec"]
+    assert spec["secretName"] == secret  # the Secret the operator mounts
+    name = service["metadata"]["name"]
+    # Every name the API server may call the Service by; it calls <service>.<namespace>.svc.
+    assert spec["dnsNames"] == [
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.cluster.local",
+    ]
+    assert spec["commonName"] == f"{name}.{namespace}.svc"
+    assert spec["duration"] == "2160h"  # validityDays 90
+    # The cainjector fills caBundle from the Certificate's Secret: namespace/name of the Certificate.
+    annotations = config["metadata"]["annotations"]
+    assert annotations == {"cert-manager.io/inject-ca-from": f"{namespace}/{certificate['metadata']['name']}"}
+    (hook,) = config["webhooks"]
+    assert "caBundle" not in hook["clientConfig"]  # left to the cainjector, not a stale one from helm
+
+    issuers = _kind(docs, "Issuer")
+    if issuer is None:  # the chart's own self-signed Issuer, beside the Certificate
+        (own,) = issuers
+        assert own["metadata"]["namespace"] == namespace and own["spec"] == {"selfSigned": {}}
+        assert spec["issuerRef"] == {"kind": "Issuer", "name": own["metadata"]["name"]}
+    else:  # the user's issuer, as given; the chart makes none
+        assert issuers == [] and spec["issuerRef"] == issuer
+
+    # The API server takes both as they are (the fixture's schemas prune a misspelt field).
+    apply_crds(kubectl, CERT_MANAGER_CRDS)
+    _accepted_with_every_field(kubectl, [*issuers, certificate])
+
+
+def test_the_self_signed_webhook_certificate_puts_its_ca_in_the_ca_bundle(helm: Helm) -> None:
+    docs = helm.template()
+    config, _, secret_name = _webhook_objects(docs)
+    (secret,) = _kind(docs, "Secret")
+    assert secret["metadata"]["name"] == secret_name and secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert "cert-manager.io/inject-ca-from" not in (config["metadata"].get("annotations") or {})
+    assert not _kind(docs, "Certificate") and not _kind(docs, "Issuer")

@@ -171,17 +171,22 @@ def observe(
     pods: list[dict[str, Any]] = (),  # type: ignore[assignment]
     *,
     gone: tuple[str, ...] = (),
+    deleted: tuple[dict[str, Any], ...] = (),
     sample: Any = None,
     now: dt.datetime = NOW,
     changes: tuple[str, ...] = (),
     scrape_error: str | None = None,
     started_spec: dict[str, Any] | None = None,
 ) -> Any:
-    """The reconcile's input: the run, its pods as PodViews, pods confirmed deleted."""
+    """The reconcile's input: the run, its pods as PodViews, pods confirmed deleted (`gone`: by
+    name; `deleted`: their last state, as a watch's DELETED event shows it)."""
     from optrun.operator.pods import PodView
     from optrun.operator.reconcile import Observed
 
     views = {p["metadata"]["name"]: PodView.from_pod(p) for p in pods}
+    for p in deleted:
+        last = PodView.from_pod(p)
+        views[last.name] = last if last.finished else last.vanished()
     for name in gone:
         views[name] = PodView.gone(name, int(name.rsplit("-", 1)[1]))
     return Observed(

@@ -86,8 +86,8 @@ def test_a_restarted_operator_finds_the_retry_it_made_after_a_back_off_without_c
 # --- disruptions ---------------------------------------------------------------------------------
 
 
-def _disrupted(pod: PodFactory, reason: str, **kw: Any) -> dict[str, Any]:
-    p = pod(1, "failed", exit_code=143, deleting=True, **kw)
+def _disrupted(pod: PodFactory, reason: str, state: str = "failed", **kw: Any) -> dict[str, Any]:
+    p = pod(1, state, exit_code=143, deleting=True, **kw)
     p["status"]["conditions"].append(
         {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "drained by kubectl"}
     )
@@ -103,12 +103,17 @@ def _disrupted(pod: PodFactory, reason: str, **kw: Any) -> dict[str, Any]:
         ("TerminationByKubelet", "Evicted"),
     ],
 )
+@pytest.mark.parametrize("ended", ["terminated", "force-deleted"])
 def test_a_disrupted_attempt_restarts_at_once_without_using_up_the_backoff_limit(
-    pod: PodFactory, target: str, reason: str
+    pod: PodFactory, target: str, reason: str, ended: str
 ) -> None:
     cfg = config(retry_backoff_seconds=10)
     run = started(cfg, {**copy.deepcopy(SPEC), "backoffLimit": 0})
-    plan = rec.reconcile(observe(run, [_disrupted(pod, target)]), cfg)
+    if ended == "terminated":  # the container stopped, the pod object is still there
+        observed = observe(run, [_disrupted(pod, target)])
+    else:  # deleted while still running (--force, or the node's pods GC'd): only its last state
+        observed = observe(run, deleted=(_disrupted(pod, target, "running"),))
+    plan = rec.reconcile(observed, cfg)
     new = applied(run, plan)
     assert pod_names(plan) == ["demo-attempt-2"]  # no back-off after a disruption
     st = new["status"]
@@ -126,6 +131,17 @@ def test_a_node_pressure_eviction_by_the_kubelet_is_a_disruption(pod: PodFactory
     evicted = pod(1, "failed", exit_code=137, pod_reason="Evicted")
     new = applied(run, rec.reconcile(observe(run, [evicted]), cfg))
     assert (new["status"]["attempts"], new["status"].get("failedAttempts", 0)) == (2, 0)
+
+
+def test_a_pod_deleted_before_it_finished_without_a_disruption_is_a_failed_attempt(pod: PodFactory) -> None:
+    cfg = config()
+    run = started(cfg, {**copy.deepcopy(SPEC), "backoffLimit": 0})
+    # Deleted by a person while running: no DisruptionTarget, no kubelet reason.
+    plan = rec.reconcile(observe(run, deleted=(pod(1, "running", deleting=True),)), cfg)
+    new = applied(run, plan)
+    assert new["status"]["phase"] == "Failed" and new["status"]["failedAttempts"] == 1
+    assert conditions(new)["Failed"] == ("True", "BackoffLimitExceeded")
+    assert [e.reason for e in plan.events] == ["PodDeleted", "BackoffLimitExceeded"]
 
 
 # --- containers the kubelet cannot start -----------------------------------------------------------
