@@ -4,7 +4,8 @@ one-process run of the same global batch.
 
 - 2 ranks under DDP and under FSDP end where one process ends: the held-out loss at every
   evaluation, and the global training loss at every step, within LOSS_RTOL.
-- A NaN injected on one rank trips the gate on every rank, and all of them roll back together.
+- A NaN injected on one rank trips the gate on every rank, and all of them roll back together;
+  an out-of-memory error on one rank halves every rank's micro-batches.
 - A checkpoint of 2 ranks resumes in 1 process, and one of 1 process in 2 ranks; at the same
   world size a resumed run ends bitwise where an uninterrupted one ends.
 
@@ -142,6 +143,28 @@ def test_a_nan_on_one_rank_rolls_every_rank_back(tmp_path: Path) -> None:
     assert report["training"]["steps"] == 16
     ranks = report["details"]["train"]["ranks"]
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+
+
+def test_an_out_of_memory_error_on_one_rank_halves_every_ranks_micro_batches(
+    one_process: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    # Rank 1 alone runs out of memory at step 5: a back-off on that rank only would leave it
+    # with twice the gradient all-reduces of rank 0 per step, and the run hung until the timeout.
+    path = manifest(tmp_path, "oom", ranks=2, timeout=60, faults=[{"type": "oom", "atStep": 5, "rank": 1}])
+    report = run(path, tmp_path / "out")
+    assert report["safety"]["oomBackoffs"] == 1 and report["safety"]["recoveries"] == 0
+    (event,) = [e for e in report["safety"]["events"] if e["gate"] == "oom"]
+    # Rank 0 (the report's) never ran out of memory itself: it backed off because rank 1 did.
+    assert event["step"] == 5 and event["action"] == "halve-micro-batch"
+    assert "another rank" in event["detail"]
+    ranks = report["details"]["train"]["ranks"]
+    assert [(r["oomBackoffs"], r["microBatches"], r["steps"]) for r in ranks] == [(1, 2, 16), (1, 2, 16)]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    # Accumulated over two micro-batches, the same global batch: the one-process curve.
+    evals, losses = curves(report, tmp_path / "out")
+    ref_evals, ref_losses = curves(*one_process)
+    assert close(losses, ref_losses), (losses, ref_losses)
+    assert close(evals, ref_evals), (evals, ref_evals)
 
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
