@@ -95,8 +95,9 @@ def _quiet() -> Iterator[None]:
 
 
 class CheckpointStore:
-    """A directory of `step-NNNNNNNNN/` checkpoints, newest last (see the module doc). Saving
-    and restoring are collective when a process group exists: every rank calls them."""
+    """A directory of `step-NNNNNNNNN/` checkpoints, newest last (see the module doc). Saving,
+    finding the latest and restoring are collective when a process group exists: every rank
+    calls them."""
 
     def __init__(self, directory: Path, keep: int) -> None:
         self.directory = Path(directory)
@@ -152,7 +153,19 @@ class CheckpointStore:
         return target
 
     def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint; unreadable ones are skipped with a warning."""
+        """The newest complete checkpoint; unreadable ones are skipped with a warning.
+
+        Collective when a process group exists: rank 0 chooses and broadcasts its choice, so
+        every rank loads the same checkpoint even where their listings of a shared network
+        volume differ (one rank's cache still missing the newest rename, or still showing one
+        that was pruned)."""
+        if not dist.is_initialized():
+            return self._newest()
+        choice = [self._newest() if _rank() == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def _newest(self) -> Checkpoint | None:
         for path in reversed(self.paths()):
             try:
                 meta = torch.load(path / META, map_location="cpu", weights_only=False)
