@@ -5,8 +5,8 @@ torch.distributed.checkpoint (DCP) save, sharded (every rank writes its own shar
 describes the global tensors), and `meta.pt` with everything else (scheduler, gradient scaler,
 RNG states, data position, history, recovery bookkeeping). Tensors are saved under their
 model-level names (`get_model_state_dict` / `get_optimizer_state_dict`), never a wrapper's, so
-a checkpoint of one world size and strategy loads into another: 2 ranks under FSDP -> 1 process,
-1 process -> 2 ranks under DDP (DCP reshards on load).
+a checkpoint of one world size and strategy loads into another: 2 ranks -> 1 process and 1
+process -> 2 ranks, under DDP and under FSDP (DCP reshards on load; tests/unit/distributed).
 
 Atomic: the ranks write `.tmp-step-NNNNNNNNN/`, rank 0 adds meta.pt last (fsync), renames the
 directory into place and fsyncs the parent, so a checkpoint either exists whole or not at all;

@@ -6,8 +6,9 @@ one-process run of the same global batch.
   evaluation, and the global training loss at every step, within LOSS_RTOL.
 - A NaN injected on one rank trips the gate on every rank, and all of them roll back together;
   an out-of-memory error on one rank halves every rank's micro-batches.
-- A checkpoint of 2 ranks resumes in 1 process, and one of 1 process in 2 ranks; at the same
-  world size a resumed run ends bitwise where an uninterrupted one ends.
+- Gradient compression runs as DDP's comm hook in the training itself.
+- A checkpoint of 2 ranks resumes in 1 process, and one of 1 process in 2 ranks, under DDP and
+  under FSDP; at the same world size a resumed run ends bitwise where an uninterrupted one ends.
 
 The runs are tiny (a few steps of the built-in model, every optional stage off) so that a test
 costs seconds of training plus torchrun's start-up.
@@ -192,15 +193,20 @@ def test_gradient_compression_runs_in_the_distributed_training_itself(
     assert report["training"]["finalLoss"] == pytest.approx(plain, rel=COMPRESSED_RTOL), plain
 
 
-@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    ("strategy", "first", "second"), [("ddp", 2, 1), ("ddp", 1, 2), ("fsdp", 2, 1), ("fsdp", 1, 2)]
+)
 def test_a_checkpoint_resumes_with_another_world_size(
-    one_process: tuple[dict[str, Any], Path], tmp_path: Path, first: int, second: int
+    one_process: tuple[dict[str, Any], Path], tmp_path: Path, strategy: str, first: int, second: int
 ) -> None:
+    # Under FSDP the 2 ranks write (2 -> 1) or read (1 -> 2) the tensors as shards of half the rows.
     crash = [{"type": "exception", "atStep": 10}]
     out = tmp_path / "out"
-    run(manifest(tmp_path, "resume", ranks=first, faults=crash, backoffLimit=0), out, expect_crash=True)
+    first_run = manifest(tmp_path, "resume", ranks=first, strategy=strategy, faults=crash, backoffLimit=0)
+    run(first_run, out, expect_crash=True)
     assert (out / "checkpoints" / "step-000000008").is_dir()
-    report = run(manifest(tmp_path, "resume", ranks=second, faults=crash, backoffLimit=0), out)
+    second_run = manifest(tmp_path, "resume", ranks=second, strategy=strategy, faults=crash, backoffLimit=0)
+    report = run(second_run, out)
     assert report["training"]["steps"] == 16
     evals, _ = curves(report, out)
     ref_evals, _ = curves(*one_process)
