@@ -183,6 +183,7 @@ def gather_rank_figures(trainer: Any, d: Dist) -> list[dict[str, Any]]:
 
     mine = {
         "rank": d.rank,
+        "device": str(trainer.device),  # on GPUs, each rank's own (cuda:LOCAL_RANK)
         # DDP replicas must end identical; FSDP's shards differ by design.
         "fingerprint": fingerprint(trainer.model) if d.strategy == "ddp" else None,
         "steps": len(times),

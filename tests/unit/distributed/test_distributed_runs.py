@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
+
+from tests.unit.distributed.distributed_support import manifest, run
 
 pytestmark = pytest.mark.slow
 
@@ -39,59 +37,6 @@ LOSS_RTOL = 1e-3
 # each step a little off the exact one: the held-out loss after 16 steps stays within this of
 # the uncompressed run's (measured: 2e-5 relative, on 2 gloo ranks).
 COMPRESSED_RTOL = 0.01
-EXIT_FOR = {"GO": 0, "CONDITIONAL_GO": 3, "NO_GO": 4}
-
-
-def manifest(
-    tmp: Path, name: str, *, ranks: int, strategy: str = "ddp", timeout: int = 300, **spec: Any
-) -> Path:
-    doc: dict[str, Any] = {
-        "apiVersion": "optrun.io/v1alpha1",
-        "kind": "OptimizationRun",
-        "metadata": {"name": name},
-        "spec": {
-            "workload": {"model": "tiny-lm", "sequenceLength": 32, "batchSize": 8},
-            "optimizations": {
-                "kernels": {"enabled": False},
-                "compression": {"enabled": False},
-                "kvCache": {"enabled": False},
-            },
-            "rlvr": {"enabled": False},
-            "training": {
-                "epochs": 2,
-                "stepsPerEpoch": 8,
-                "warmupSteps": 2,
-                "evalBatches": 2,
-                "targetAccuracy": 0.0,
-                "checkpoint": {"everySteps": 4, "keep": 3},
-            },
-            "acceptance": {"repeats": 1},
-            "distributed": {"processesPerNode": ranks, "strategy": strategy, "timeoutSeconds": timeout},
-            "resources": {"gpus": 0},
-            **spec,
-        },
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def run(path: Path, out: Path, *, expect_crash: bool = False) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "optrun.cli", "run", str(path), "--output", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    if expect_crash:
-        assert done.returncode not in EXIT_FOR.values(), done.stderr[-2000:]
-        return {}
-    assert done.returncode in EXIT_FOR.values(), (done.stdout[-1500:], done.stderr[-3000:])
-    report = json.loads((out / "report.json").read_text())
-    assert done.returncode == EXIT_FOR[report["decision"]]
-    return report
 
 
 def curves(report: dict[str, Any], out: Path) -> tuple[list[float], list[float]]:
