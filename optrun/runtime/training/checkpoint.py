@@ -160,12 +160,13 @@ class CheckpointStore:
         volume differ (one rank's cache still missing the newest rename, or still showing one
         that was pruned)."""
         if not dist.is_initialized():
-            return self._newest()
-        choice = [self._newest() if _rank() == 0 else None]
+            return self.latest_here()
+        choice = [self.latest_here() if _rank() == 0 else None]
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def _newest(self) -> Checkpoint | None:
+    def latest_here(self) -> Checkpoint | None:
+        """The newest complete checkpoint as this process sees the directory (no collective)."""
         for path in reversed(self.paths()):
             try:
                 meta = torch.load(path / META, map_location="cpu", weights_only=False)
@@ -202,14 +203,14 @@ class CheckpointStore:
             optimizer.state.clear()
 
     def update_meta(self, ckpt: Checkpoint, **changes: Any) -> None:
-        """Rewrite part of a checkpoint's metadata (atomically; rank 0 writes)."""
-        if _rank() == 0:
-            meta = {**ckpt.meta, **changes}
-            tmp = ckpt.path / f".{META}.tmp"
-            with tmp.open("wb") as f:
-                torch.save(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, ckpt.path / META)
-            ckpt.meta = meta
-        _barrier()
+        """Rewrite part of a checkpoint's metadata, atomically, from this process alone: no
+        collective, since a rank that crashed alone calls it while the others wait elsewhere.
+        Ranks writing at once each replace the whole file (a temporary file of their own)."""
+        meta = {**ckpt.meta, **changes}
+        tmp = ckpt.path / f".{META}.tmp-{os.getpid()}"
+        with tmp.open("wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt.path / META)
+        ckpt.meta = meta

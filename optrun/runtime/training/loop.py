@@ -388,10 +388,17 @@ class Trainer:
 
         That checkpoint predates the fault, so without this the attempt that resumes from it
         would replay the step and fire the same fault again, every attempt. Only the record of
-        fired faults changes; the training state in the checkpoint stays as it was."""
-        found = self.store.latest()
+        fired faults changes; the training state in the checkpoint stays as it was.
+
+        No collective: the fault may have struck this rank alone, while the others wait in the
+        step's first all-reduce. This rank records what it fired (with what the checkpoint
+        already holds) and ends; its exit ends the attempt for all (torchrun stops the group, the
+        others' collectives fail on the closed connection) instead of every rank waiting out
+        distributed.timeoutSeconds."""
+        found = self.store.latest_here()
         if found is not None:
-            self.store.update_meta(found, faults_fired=self.faults.state())
+            fired = set(found.meta.get("faults_fired", [])) | set(self.faults.state())
+            self.store.update_meta(found, faults_fired=sorted(fired))
 
     # -- gates and recovery ---------------------------------------------------------------
 

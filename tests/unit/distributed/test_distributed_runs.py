@@ -5,7 +5,8 @@ one-process run of the same global batch.
 - 2 ranks under DDP and under FSDP end where one process ends: the held-out loss at every
   evaluation, and the global training loss at every step, within LOSS_RTOL.
 - A NaN injected on one rank trips the gate on every rank, and all of them roll back together;
-  an out-of-memory error on one rank halves every rank's micro-batches.
+  an out-of-memory error on one rank halves every rank's micro-batches; a rank that hangs ends
+  the attempt within the collective timeout, one that crashes at once.
 - Gradient compression runs as DDP's comm hook in the training itself.
 - A checkpoint of 2 ranks resumes in 1 process, and one of 1 process in 2 ranks, under DDP and
   under FSDP; at the same world size a resumed run ends bitwise where an uninterrupted one ends.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +185,6 @@ def test_at_the_same_world_size_a_resumed_run_ends_bitwise_where_an_uninterrupte
 
 
 def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_path: Path) -> None:
-    import time
-
     stall = [{"type": "stall", "atStep": 3, "durationSeconds": 600, "rank": 1}]
     path = manifest(tmp_path, "hang", ranks=2, timeout=10, faults=stall, backoffLimit=0)
     started = time.monotonic()
@@ -194,6 +194,26 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_pa
     assert time.monotonic() - started < 120
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "out" / "ranks").rglob("stderr.log")}
     assert "attempt 1 of training failed" in logs["0"] and "Timed out" in logs["0"], logs["0"][-3000:]
+
+
+def test_a_rank_that_crashes_alone_ends_the_attempt_at_once_and_its_fault_is_not_replayed(
+    tmp_path: Path,
+) -> None:
+    crash = [{"type": "exception", "atStep": 10, "rank": 1}]
+    path = manifest(tmp_path, "crash", ranks=2, timeout=300, faults=crash, backoffLimit=0)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    run(path, out, expect_crash=True)
+    # Rank 1 records the fault in the checkpoint and exits; torchrun ends rank 0 with it. Had
+    # rank 1 waited alone in a collective, both would have waited out the 300 s timeout.
+    assert time.monotonic() - started < 120
+    first = {p.parent.name: p.read_text() for p in (out / "ranks").rglob("stderr.log")}
+    assert "attempt 1 of training failed: injected exception at step 10" in first["1"], first["1"][-3000:]
+    # The next run resumes from step 8 and replays step 10 without the fault: it was recorded.
+    report = run(path, out)
+    assert report["training"]["steps"] == 16
+    rank1 = [p.read_text() for p in (out / "ranks").rglob("1/stderr.log")]
+    assert len(rank1) == 2 and sum(log.count("injecting fault exception") for log in rank1) == 1
 
 
 def test_a_hf_model_under_fsdp_hands_the_whole_trained_model_on(tmp_path: Path) -> None:
