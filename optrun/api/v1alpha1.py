@@ -877,6 +877,14 @@ class OptimizationRunSpec(Spec):
             raise ValueError(
                 "distributed.strategy fsdp trains in fp32 or bf16; allowed precision: fp32, bf16"
             )
+        c = self.optimizations.compression
+        if self.distributed.strategy == "fsdp" and c.enabled and c.target in ("gradients", "both"):
+            # Gradient compression is a DDP communication hook; FSDP reduce-scatters its gradients
+            # with no hook to compress them, so the run would measure nothing of what it asks for.
+            raise ValueError(
+                f"optimizations.compression.target {c.target} compresses DDP's gradient all-reduce; "
+                "distributed.strategy fsdp has none. Allowed: strategy ddp, or compression.target weights"
+            )
         return self
 
     @field_validator("volumes")

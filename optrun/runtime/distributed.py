@@ -12,9 +12,9 @@ trains on rows [r*B/W, (r+1)*B/W) of the batch a one-process run would draw, so 
 compares with a one-process run. `wrap` puts the model under DDP (each rank holds the model;
 gradient compression hooks when `compression.target` includes gradients) or FSDP2
 (`fully_shard` on every decoder layer, then the model: parameters, gradients and optimizer
-state sharded). Safety gates are collective: a tripped flag on any rank trips the gate on
-every rank (`any_rank`), and gradient norms of sharded parameters are summed over the ranks,
-so all ranks take the same recovery at the same step.
+state sharded). Safety gates are collective: a tripped flag or an out-of-memory error on any
+rank is every rank's (`max_over_ranks`), and gradient norms of sharded parameters are summed
+over the ranks, so all ranks take the same recovery, or back-off, at the same step.
 
 After training, rank 0 gathers the full model and carries on alone (RLVR, compression, the
 KV-cache sweep, the artifact and acceptance run in one process); the other ranks leave.
@@ -114,13 +114,13 @@ def device_for(local_rank: int, device: torch.device) -> torch.device:
     return device
 
 
-def any_rank(flag: bool, d: Dist | None, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (a MAX all-reduce)."""
+def max_over_ranks(value: int, d: Dist | None, device: torch.device) -> int:
+    """The largest of an integer over the ranks (a MAX all-reduce): the same answer on every rank."""
     if d is None:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device if d.backend == "nccl" else "cpu")
+        return value
+    t = torch.tensor([float(value)], device=device if d.backend == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def mean_over_ranks(value: float, d: Dist | None, device: torch.device) -> float:
@@ -183,9 +183,13 @@ def gather_rank_figures(trainer: Any, d: Dist) -> list[dict[str, Any]]:
 
     mine = {
         "rank": d.rank,
+        "device": str(trainer.device),  # on GPUs, each rank's own (cuda:LOCAL_RANK)
         # DDP replicas must end identical; FSDP's shards differ by design.
         "fingerprint": fingerprint(trainer.model) if d.strategy == "ddp" else None,
         "steps": len(times),
+        # Agreed over the ranks (see Trainer._forward_backward): equal on every rank.
+        "oomBackoffs": trainer.book.oom_backoffs,
+        "microBatches": trainer.book.micro_batches,
         "medianStepSeconds": statistics.median(times) if times else None,
         "tokensPerSecond": (trainer.rows.stop - trainer.rows.start)
         * trainer.seq_len

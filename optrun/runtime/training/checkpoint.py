@@ -5,8 +5,8 @@ torch.distributed.checkpoint (DCP) save, sharded (every rank writes its own shar
 describes the global tensors), and `meta.pt` with everything else (scheduler, gradient scaler,
 RNG states, data position, history, recovery bookkeeping). Tensors are saved under their
 model-level names (`get_model_state_dict` / `get_optimizer_state_dict`), never a wrapper's, so
-a checkpoint of one world size and strategy loads into another: 2 ranks under FSDP -> 1 process,
-1 process -> 2 ranks under DDP (DCP reshards on load).
+a checkpoint of one world size and strategy loads into another: 2 ranks -> 1 process and 1
+process -> 2 ranks, under DDP and under FSDP (DCP reshards on load; tests/unit/distributed).
 
 Atomic: the ranks write `.tmp-step-NNNNNNNNN/`, rank 0 adds meta.pt last (fsync), renames the
 directory into place and fsyncs the parent, so a checkpoint either exists whole or not at all;
@@ -95,8 +95,9 @@ def _quiet() -> Iterator[None]:
 
 
 class CheckpointStore:
-    """A directory of `step-NNNNNNNNN/` checkpoints, newest last (see the module doc). Saving
-    and restoring are collective when a process group exists: every rank calls them."""
+    """A directory of `step-NNNNNNNNN/` checkpoints, newest last (see the module doc). Saving,
+    finding the latest and restoring are collective when a process group exists: every rank
+    calls them."""
 
     def __init__(self, directory: Path, keep: int) -> None:
         self.directory = Path(directory)
@@ -152,7 +153,20 @@ class CheckpointStore:
         return target
 
     def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint; unreadable ones are skipped with a warning."""
+        """The newest complete checkpoint; unreadable ones are skipped with a warning.
+
+        Collective when a process group exists: rank 0 chooses and broadcasts its choice, so
+        every rank loads the same checkpoint even where their listings of a shared network
+        volume differ (one rank's cache still missing the newest rename, or still showing one
+        that was pruned)."""
+        if not dist.is_initialized():
+            return self.latest_here()
+        choice = [self.latest_here() if _rank() == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def latest_here(self) -> Checkpoint | None:
+        """The newest complete checkpoint as this process sees the directory (no collective)."""
         for path in reversed(self.paths()):
             try:
                 meta = torch.load(path / META, map_location="cpu", weights_only=False)
@@ -189,14 +203,14 @@ class CheckpointStore:
             optimizer.state.clear()
 
     def update_meta(self, ckpt: Checkpoint, **changes: Any) -> None:
-        """Rewrite part of a checkpoint's metadata (atomically; rank 0 writes)."""
-        if _rank() == 0:
-            meta = {**ckpt.meta, **changes}
-            tmp = ckpt.path / f".{META}.tmp"
-            with tmp.open("wb") as f:
-                torch.save(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, ckpt.path / META)
-            ckpt.meta = meta
-        _barrier()
+        """Rewrite part of a checkpoint's metadata, atomically, from this process alone: no
+        collective, since a rank that crashed alone calls it while the others wait elsewhere.
+        Ranks writing at once each replace the whole file (a temporary file of their own)."""
+        meta = {**ckpt.meta, **changes}
+        tmp = ckpt.path / f".{META}.tmp-{os.getpid()}"
+        with tmp.open("wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt.path / META)
+        ckpt.meta = meta

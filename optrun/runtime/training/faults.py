@@ -57,16 +57,21 @@ class FaultInjector:
         return False
 
     def before_step(self, step: int) -> None:
-        """Faults that happen before the forward pass: exception, oom, stall."""
+        """Faults that happen before the forward pass: exception, stall."""
         if self._due(step, "exception"):
             raise InjectedFault(f"injected exception at step {step}")
-        if self._due(step, "oom"):
-            raise SimulatedOOM(f"injected out-of-memory at step {step}")
         for i, f in enumerate(self.faults):
             if f.type == "stall" and self._fires(i, f, step):
                 self.fired.add(i)
                 log.warning("injecting a stall of %.1fs at step %d", f.duration_seconds, step)
                 time.sleep(f.duration_seconds)  # the fault itself: a step that hangs
+
+    def after_forward(self, step: int) -> None:
+        """The oom fault, raised at the end of a forward: where a real one strikes (activations
+        are what runs out), and past the forward's own collectives (DDP's buffer broadcast,
+        FSDP's all-gathers), where the ranks can still agree on it (Trainer._forward_backward)."""
+        if self._due(step, "oom"):
+            raise SimulatedOOM(f"injected out-of-memory at step {step}")
 
     def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss-side faults: a non-finite loss, or an exploding gradient (loss scaled by 1e12)."""

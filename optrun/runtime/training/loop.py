@@ -9,7 +9,8 @@ Recovery: a tripped gate (non-finite loss, vanished or exploded gradients) is an
 `spec.safety.nonFiniteLoss`: `rollback` restores the last good checkpoint, skips the offending
 batch when it comes round again and halves the learning rate; `skip` drops the batch; `fail`
 stops. An out-of-memory error halves the micro-batch (gradient accumulation keeps the
-effective batch): an out-of-memory back-off, counted as such, not as a recovery. Each recovery
+effective batch), on every rank of a distributed run when it strikes any of them: an
+out-of-memory back-off, counted as such, not as a recovery. Each recovery
 (rollback, skip) counts against `maxRecoveries`; past it the gate fails. The
 recovery bookkeeping (trips, recoveries, skipped steps, learning-rate scale) is never rolled
 back: a rollback undoes training, not the memory of why it happened.
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 class Interrupted(RuntimeError):
     """Training stopped on request (SIGTERM) after writing a checkpoint."""
+
+
+# How a micro-batch's forward went, agreed over the ranks (the worst wins): see _forward_backward.
+_OK, _TRIPPED, _OUT_OF_MEMORY = 0, 1, 2
 
 
 class _ScalerOverflow(Exception):
@@ -276,7 +281,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._trip(Trip("oom", str(exc)[:200]), step, action="halve-micro-batch")
-                if self.book.micro_batches * 2 > self.batch_size:
+                if self.book.micro_batches * 2 > self.rows.stop - self.rows.start:  # this rank's rows
                     raise SafetyGateFailed(
                         "oom", f"out of memory at micro-batch size 1 (step {step})"
                     ) from exc
@@ -308,17 +313,37 @@ class Trainer:
         return autocast(self.device, self.amp_dtype)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[Trip | None, float]:
-        """Gradients of the mean loss over micro-batches; a tripped gate instead of a step."""
+        """Gradients of the mean loss over micro-batches; a tripped gate instead of a step.
+
+        Before each backward the ranks agree on how the forward went (one MAX all-reduce of
+        OK < TRIPPED < OUT_OF_MEMORY): a rank that skipped its backward, or halved its
+        micro-batches alone, would leave the others waiting in a gradient all-reduce it never
+        joins. So a trip or an out-of-memory error on any rank is every rank's, at the same
+        micro-batch. An out-of-memory error inside a collective's reach cannot be agreed on (in
+        the backward, where DDP's all-reduces run; under FSDP, between a forward's all-gathers):
+        when it strikes one rank alone, the others' collective times out
+        (distributed.timeoutSeconds) and the attempt ends with that reason."""
         n = self.book.micro_batches
         total = 0.0
         for xs, ys in zip(x.chunk(n), y.chunk(n), strict=True):
-            with self._autocast():
-                loss = self.module(xs, targets=ys) * (xs.shape[0] / x.shape[0])
-            loss = self.faults.corrupt_loss(step, loss)
-            trip = check_loss(loss)
-            # Collective: a rank that skipped its backward would leave the others waiting in
-            # the gradient all-reduce, so every rank learns of a trip on any rank first.
-            if distributed.any_rank(trip is not None, self.dist, self.device):
+            trip, oom = None, None
+            try:
+                with self._autocast():
+                    loss = self.module(xs, targets=ys) * (xs.shape[0] / x.shape[0])
+                self.faults.after_forward(step)
+                loss = self.faults.corrupt_loss(step, loss)
+                trip = check_loss(loss)
+            except torch.OutOfMemoryError as exc:
+                oom = exc
+            agreed = distributed.max_over_ranks(
+                _OUT_OF_MEMORY if oom is not None else _TRIPPED if trip is not None else _OK,
+                self.dist,
+                self.device,
+            )
+            if agreed == _OUT_OF_MEMORY:  # every rank backs off (see _one_step)
+                self.optimizer.zero_grad(set_to_none=True)
+                raise oom or torch.OutOfMemoryError(f"out of memory on another rank (step {step})")
+            if agreed == _TRIPPED:
                 self.optimizer.zero_grad(set_to_none=True)
                 return trip or Trip("nan_loss", "non-finite loss on another rank"), float("nan")
             self.scaler.scale(loss).backward()
@@ -363,10 +388,17 @@ class Trainer:
 
         That checkpoint predates the fault, so without this the attempt that resumes from it
         would replay the step and fire the same fault again, every attempt. Only the record of
-        fired faults changes; the training state in the checkpoint stays as it was."""
-        found = self.store.latest()
+        fired faults changes; the training state in the checkpoint stays as it was.
+
+        No collective: the fault may have struck this rank alone, while the others wait in the
+        step's first all-reduce. This rank records what it fired (with what the checkpoint
+        already holds) and ends; its exit ends the attempt for all (torchrun stops the group, the
+        others' collectives fail on the closed connection) instead of every rank waiting out
+        distributed.timeoutSeconds."""
+        found = self.store.latest_here()
         if found is not None:
-            self.store.update_meta(found, faults_fired=self.faults.state())
+            fired = set(found.meta.get("faults_fired", [])) | set(self.faults.state())
+            self.store.update_meta(found, faults_fired=sorted(fired))
 
     # -- gates and recovery ---------------------------------------------------------------
 

@@ -152,6 +152,21 @@ def problems(doc: dict[str, Any]) -> list[str]:
             "minimumPassRate must not exceed targetPassRate",
             id="cross-field",
         ),
+        pytest.param(
+            {
+                "distributed": {"strategy": "fsdp"},
+                "optimizations": {"compression": {"enabled": True, "target": "both"}},
+            },
+            "optimizations.compression.target both compresses DDP's gradient all-reduce; distributed.strategy "
+            "fsdp has none. Allowed: strategy ddp, or compression.target weights",
+            id="fsdp-with-gradient-compression",
+        ),
+        pytest.param(
+            {"distributed": {"processesPerNode": 3}, "workload": {"model": "tiny-lm", "batchSize": 8}},
+            "workload.batchSize 8 does not split evenly over 3 ranks (distributed.nodes x processesPerNode); "
+            "allowed: a multiple of 3",
+            id="batch-that-does-not-split",
+        ),
     ],
 )
 def test_bad_input_names_the_field_the_value_and_what_is_allowed(spec: dict[str, Any], line: str) -> None:
@@ -202,6 +217,15 @@ def test_bad_envelope_is_reported_by_field(change: dict[str, Any], line: str) ->
     doc.update(change)
     found = problems(doc)
     assert len(found) == 1 and found[0].startswith(line), found
+
+
+@pytest.mark.parametrize(("strategy", "target"), [("fsdp", "weights"), ("ddp", "gradients"), ("ddp", "both")])
+def test_gradient_compression_is_refused_only_where_no_ddp_hook_runs(strategy: str, target: str) -> None:
+    doc = manifest(
+        distributed={"strategy": strategy}, optimizations={"compression": {"enabled": True, "target": target}}
+    )
+    spec = parse_manifest(doc)
+    assert (spec.distributed.strategy, spec.optimizations.compression.target) == (strategy, target)
 
 
 def test_missing_spec_is_an_error() -> None:
