@@ -336,22 +336,41 @@ def load(source: Any, *, precision: str, device: torch.device) -> HFCausalLM:
 
 def wrap(obj: Any, field: str) -> CausalLM:
     """A factory's result as a CausalLM: an optrun CausalLM as it is, a (transformers model,
-    tokenizer) pair wrapped; anything else is an error that names the field."""
+    tokenizer) pair wrapped; anything else, or a model the stages cannot use (no tokenizer, no
+    dimensions), is an error that names the field."""
+    allowed = (
+        "allowed: an optrun CausalLM (optrun.runtime.lm.CausalLM, with a tokenizer and cfg) or a "
+        "(transformers PreTrainedModel with a causal-LM head, tokenizer) pair"
+    )
     if isinstance(obj, CausalLM):
-        return obj
-    if (
+        model = obj
+    elif (
         isinstance(obj, tuple)
         and len(obj) == 2
         and isinstance(obj[0], transformers.PreTrainedModel)
         and hasattr(obj[1], "encode")
     ):
-        return HFCausalLM(obj[0], HFTokenizer(obj[1]))
-    raise SourceError(
-        [
-            f"{field}: the factory returned {type(obj).__name__}; allowed: an optrun CausalLM "
-            "(optrun.runtime.lm.CausalLM) or a (transformers PreTrainedModel, tokenizer) pair"
-        ]
-    )
+        if obj[0].get_output_embeddings() is None:
+            name = type(obj[0]).__name__
+            raise SourceError(
+                [f"{field}: the factory returned {name}, which has no causal-LM head; {allowed}"]
+            )
+        try:
+            model = HFCausalLM(obj[0], HFTokenizer(obj[1]))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise SourceError(
+                [f"{field}: the factory's (model, tokenizer) pair is unusable: {exc}; {allowed}"]
+            ) from exc
+    else:
+        raise SourceError([f"{field}: the factory returned {type(obj).__name__}; {allowed}"])
+    try:
+        _ = (model.cfg.max_seq_len, model.tokenizer.eos_id)  # what every stage reads first
+    except (AttributeError, NotImplementedError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise SourceError(
+            [f"{field}: the factory's {type(model).__name__} is unusable: {why}; {allowed}"]
+        ) from exc
+    return model
 
 
 def read_config(path: Path) -> dict[str, Any]:
