@@ -113,6 +113,81 @@ def test_transformers_generate_runs_on_optrun_caches(hf_dirs: dict[str, Path]) -
     assert float((k_int8 - k_dense).norm() / k_dense.norm()) < 0.02
 
 
+def test_a_left_padded_prompt_computes_what_it_computes_alone(hf_dirs: dict[str, Path]) -> None:
+    """RLVR batches prompts of different lengths by left padding: with the padding's attention
+    mask (and positions from each row's first real token) a padded prompt's logits, loss,
+    completion log-probs and greedy continuation are those of the prompt alone."""
+    from optrun.runtime.kvcache.generate import left_pad
+    from optrun.runtime.lm.base import left_padding_mask
+    from optrun.runtime.rlvr.grpo import completion_logprobs
+
+    model = load(hf_dirs["llama"])
+    pad = model.tokenizer.pad_id
+    short, long = tokens(model, "x = 1")[0], tokens(model)[0]
+    batch = left_pad([short.tolist(), long.tolist()], pad)
+    n = len(short)
+    assert batch.shape[1] - n >= 10  # the short row is mostly padding
+    mask = left_padding_mask(model, batch, pad)
+    assert mask is not None and mask[0].tolist() == [0] * (batch.shape[1] - n) + [1] * n
+
+    with torch.no_grad():
+        padded, alone = model(batch, attention_mask=mask)[0, -n:], model(short[None])[0]
+        unmasked = model(batch)[0, -n:]
+    assert (m := compare(padded, alone, TOL, "logits")) is None, str(m)
+    # Without the mask the model attends to the padding: the check above can fail.
+    assert compare(unmasked, alone, TOL, "logits") is not None
+
+    # The loss (through the fused-loss path) of the padded row, pads ignored, is the loss alone.
+    targets = torch.full_like(batch[:1], -100)
+    targets[0, -n:-1] = short[1:]
+    with torch.no_grad():
+        padded_loss = model.loss(batch[:1], targets, mask[:1])
+        alone_loss = model.loss(short[None, :-1], short[None, 1:])
+    assert (m := compare(padded_loss, alone_loss, TOL, "loss")) is None, str(m)
+
+    for use_cache in (True, False):
+        together = generate(model, batch, 12, eos_id=None, use_cache=use_cache, attention_mask=mask)
+        for row, prompt in enumerate((short, long)):
+            single = generate(model, prompt[None], 12, eos_id=None, use_cache=use_cache)
+            assert torch.equal(together.completions[row], single.completions[0]), (use_cache, row)
+
+    # What GRPO trains on: the completion's log-probs under the padded batch are those alone.
+    full = left_padding_mask(model, batch, pad, together.tokens.shape[1])
+    with torch.no_grad():
+        logp = completion_logprobs(model, together.tokens, batch.shape[1], full)[0]
+        single = generate(model, short[None], 12, eos_id=None)
+        logp_alone = completion_logprobs(model, single.tokens, n)[0]
+    assert (m := compare(logp, logp_alone, TOL, "log-probs")) is None, str(m)
+
+
+def test_the_warm_up_and_grpo_train_a_hf_model_on_masked_prompts(hf_dirs: dict[str, Path]) -> None:
+    import random
+    from dataclasses import dataclass
+
+    from optrun.runtime.lm.base import fingerprint
+    from optrun.runtime.rlvr.grpo import GRPO, GRPOConfig, supervised_warmup
+    from optrun.runtime.rlvr.tasks import Problem, Task, encode_prompts, sample
+
+    @dataclass(frozen=True)
+    class Unpadded(Task):
+        """Addition without zero-padded operands: prompts of different lengths, so batches are padded."""
+
+        def problem(self, a: int, b: int, max_digits: int) -> Problem:
+            return Problem(prompt=f"{a}+{b}=", answer=str(a + b), task=self.name)
+
+    task = Unpadded("addition", "+", lambda a, b: a + b, lambda d: d + 1)
+    model = load(hf_dirs["llama"])
+    prompts = encode_prompts(sample(task, 16, 2, random.Random(0)), task, 2, model.tokenizer)
+    assert bool((prompts[:, 0] == model.tokenizer.pad_id).any())  # some rows are left-padded
+    before = fingerprint(model)
+    warm = supervised_warmup(model, task, 2, steps=2, batch_size=8, learning_rate=1e-3, rng=random.Random(1))
+    assert all(torch.isfinite(torch.tensor(warm["losses"])))
+    config = GRPOConfig(steps=1, group_size=4, prompts_per_step=4)
+    (entry,) = GRPO(model, task, 2, {"exact-match": 1.0, "format": 0.1}, config, 0).train()
+    assert torch.isfinite(torch.tensor(entry["loss"])) and entry["kl"] >= 0.0
+    assert fingerprint(model) != before
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
     hf_dirs: dict[str, Path], family: str
