@@ -188,6 +188,32 @@ def test_the_warm_up_and_grpo_train_a_hf_model_on_masked_prompts(hf_dirs: dict[s
     assert fingerprint(model) != before
 
 
+@pytest.mark.parametrize("chat_template", [None, True, False])
+def test_rlvr_prompts_go_through_the_chat_template_unless_it_is_switched_off(
+    chat_model_dir: Path, chat_template: bool | None
+) -> None:
+    from optrun.runtime.rlvr.tasks import encode_prompts, get_task
+
+    task = get_task("addition")
+    problems = [task.problem(12, 7, 2), task.problem(3, 45, 2)]
+    source = ModelSource(path=str(chat_model_dir), chatTemplate=chat_template)
+    model = hf.load(source, precision="fp32", device=CPU)
+    tok = model.tokenizer.tok
+    assert tok.chat_template  # the fixture's tokenizer has one
+    ids = encode_prompts(problems, task, 2, model.tokenizer)
+    for row, problem in zip(ids.tolist(), problems, strict=True):
+        if chat_template is False:
+            # chatTemplate: false: BOS and the problem's own tokens, no role headers.
+            expected = [model.tokenizer.bos_id, *tok.encode(problem.prompt, add_special_tokens=False)]
+        else:
+            # Unset or true: the ids transformers' apply_chat_template gives a user turn with
+            # the assistant's header after it.
+            turn = [{"role": "user", "content": problem.prompt}]
+            expected = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)["input_ids"]
+            assert tok.decode(expected).startswith("<|user|>\n") and "<|assistant|>" in tok.decode(expected)
+        assert row == expected
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
     hf_dirs: dict[str, Path], family: str
