@@ -6,9 +6,13 @@
 - Decoding with optrun's caches through transformers' Cache interface: greedy with the dense
   cache equals decoding without a cache, token for token; `hf.generate(cache=OptrunCache(...))`
   equals transformers' own generate; the int8 cache agrees nearly always.
-- Kernels: patched with optrun's Triton kernels (in Triton's interpreter), a model computes the
-  unpatched logits, loss and gradients; patching one model's rotary never changes another
-  model of the same family in the process.
+- Kernels: patched with optrun's Triton kernels (in Triton's interpreter), a model of each
+  family computes the unpatched logits, loss and gradients; the kernel stage in triton mode
+  judges that real swap (and fails kernels.parity on a wrong kernel), where auto mode on a CPU
+  would compare eager with eager; patching one model's rotary never changes another model of
+  the same family in the process.
+- RLVR on a HF model: left-padded prompts are masked (a padded prompt computes what it computes
+  alone); prompts go through the chat template unless chatTemplate is false.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ def test_rlvr_prompts_go_through_the_chat_template_unless_it_is_switched_off(
         assert row == expected
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
     hf_dirs: dict[str, Path], family: str
 ) -> None:
@@ -238,6 +242,57 @@ def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
     grads = dict(base.named_parameters())
     for name, p in fused.named_parameters():
         assert (m := compare(p.grad, grads[name].grad, TOL, f"grad {name}")) is None, str(m)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["kernels", "a-wrong-rms-norm-kernel"])
+def test_the_kernel_stage_in_triton_mode_judges_a_real_swap_on_a_hf_model(
+    hf_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: bool
+) -> None:
+    """On a CPU, auto mode keeps eager and the stage's parity compares eager with eager; with
+    mode triton (kernels in Triton's interpreter) it judges the real swap on the user's model,
+    and a kernel that computes something else fails kernels.parity."""
+    from optrun.api.v1alpha1 import OptimizationRunSpec
+    from optrun.runtime import kernels
+    from optrun.runtime.context import RunContext
+    from optrun.runtime.data import Corpus
+    from optrun.runtime.hardware import detect
+    from optrun.runtime.kernels import acceptance
+    from optrun.runtime.kernels.modules import TritonRMSNorm
+
+    if broken:  # 1% too large: a kernel bug far below what a crash or NaN would show
+        right = TritonRMSNorm.forward
+        monkeypatch.setattr(TritonRMSNorm, "forward", lambda self, x: right(self, x) * 1.01)
+    model = load(hf_dirs["llama"]).train()
+    spec = OptimizationRunSpec.model_validate(
+        {
+            "workload": {"model": {"path": str(hf_dirs["llama"])}, "sequenceLength": 32, "batchSize": 4},
+            "optimizations": {"kernels": {"enabled": True, "mode": "triton"}},
+        }
+    )
+    device, hardware = detect("cpu")
+    ctx = RunContext(
+        spec=spec,
+        device=device,
+        hardware=hardware,
+        corpus=Corpus.build("pydoc", model.tokenizer, sequence_length=32),
+        model_factory=lambda: model,
+        output_dir=tmp_path,
+        model=model,
+    )
+    kernels.run(ctx, model)
+    k = ctx.results["kernels"]
+    assert k["swapped"]["counts"] == {
+        "rms_norm": {"triton": 5},
+        "swiglu": {"triton": 2},
+        "rope": {"triton": 1},
+        "cross_entropy": {"triton": 1},
+    }
+    check = acceptance.parity(ctx)
+    assert k["parity"]["passed"] is check.passed is (not broken), k["parity"]
+    if broken:
+        assert k["parity"]["reason"].startswith("logits: ")
+    else:
+        assert 0 < k["parity"]["worstRelativeDifference"] < 1e-4  # a real swap: not bit-identical
 
 
 def test_patching_one_models_rotary_leaves_another_of_the_same_family_alone(hf_dirs: dict[str, Path]) -> None:
