@@ -231,17 +231,46 @@ def test_triton_kernels_on_a_hf_model_compute_the_unpatched_model(
         "cross_entropy": {"triton": 1},
         "rope": {"triton": 1},
     }
+    assert_computes_the_same(fused, base)
+
+
+def assert_computes_the_same(fused: hf.HFCausalLM, base: hf.HFCausalLM) -> None:
+    """The patched model's logits, loss and every gradient are the unpatched model's, within
+    the model tolerance of fp32."""
     assert fused.state_dict().keys() == base.state_dict().keys()
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 500, (2, 24), generator=gen)
     y = torch.randint(0, 500, (2, 24), generator=gen)
+    losses = []
     for model in (base, fused):
         model.zero_grad()
-        model.loss(x, y).backward()
+        loss = model.loss(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+    assert (m := compare(losses[1], losses[0], TOL, "loss")) is None, str(m)
     assert (m := compare(fused(x), base(x), TOL, "logits")) is None, str(m)
     grads = dict(base.named_parameters())
     for name, p in fused.named_parameters():
+        assert p.grad is not None and grads[name].grad is not None, name
         assert (m := compare(p.grad, grads[name].grad, TOL, f"grad {name}")) is None, str(m)
+
+
+def test_liger_kernels_on_a_hf_model_compute_the_unpatched_model(hf_dirs: dict[str, Path]) -> None:
+    """optrun's Liger candidate, executed: Liger-Kernel's rotary and fused linear cross-entropy
+    run in Triton's interpreter, so on a CPU they patch a Llama and are held to the unpatched
+    model. (Liger's RMSNorm and SwiGLU kernels do not run in the interpreter, which hands them
+    Python floats where they call `.to`; tests/gpu runs all four on CUDA.)"""
+    base = load(hf_dirs["llama"]).train()
+    fused = copy.deepcopy(base)
+    report = patch_model(fused, {"rope": "liger", "cross_entropy": "liger"})
+    assert report.counts() == {
+        "swiglu": {"eager": 2},
+        "rms_norm": {"eager": 5},
+        "cross_entropy": {"liger": 1},
+        "rope": {"liger": 1},
+    }
+    assert {e["to"] for e in report.swapped.values()} == {"LigerRotaryApply", "LigerLMHeadLoss"}
+    assert_computes_the_same(fused, base)
 
 
 @pytest.mark.parametrize("broken", [False, True], ids=["kernels", "a-wrong-rms-norm-kernel"])
