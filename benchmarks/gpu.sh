@@ -32,7 +32,7 @@ step() { # NAME SECONDS COMMAND...
 }
 step gpu-tests 160 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/gpu --ignore tests/gpu/test_distributed_gpu.py
 step kernels 110 "$py" benchmarks/kernels.py --csv "$out/kernels.csv"
-step hf-model 120 "$py" benchmarks/hf_model.py --csv "$out/hf_model.csv"
+step hf-model 120 "$py" benchmarks/hf_model.py --csv "$out/hf_model.csv" --compile-timeout 20
 step kvcache 45 "$py" benchmarks/kvcache.py --no-csv
 step compression 45 "$py" benchmarks/compression.py --sections codecs,matmul,weights
 step gpu-run 90 "$py" -m optrun.cli run examples/gpu-small.yaml --output "$out/gpu-small" --quiet

@@ -212,6 +212,12 @@ class ArtifactInfo(_Model):
         None, ge=0, description="Bytes of the quantized weights (quantized.safetensors), when compressed."
     )
     held_out_loss: float | None = Field(None, description="Held-out loss of the artifact as written.")
+    reloaded_held_out_loss: float | None = Field(
+        None, description="Held-out loss of the artifact reloaded the standard way (float weights)."
+    )
+    quantization: str | None = Field(
+        None, description="The quantized form in quantized.safetensors (codec, layers), when compressed."
+    )
     optimizations: list[str] = Field(default_factory=list, description="Every optimization applied to it.")
 
 

@@ -120,6 +120,7 @@ def write(ctx: RunContext, directory: Path) -> dict[str, Any]:
     reloaded_loss = evaluate(reloaded, batches, ctx.device, ctx.dtype)["loss"]
     del reloaded
     standard = [f for f in files if f != QUANTIZED]
+    codecs = sorted({str(entry["codec"].get("codec", "?")) for entry in layers})
     info = {
         "path": str(directory),
         "format": fmt,
@@ -128,6 +129,11 @@ def write(ctx: RunContext, directory: Path) -> dict[str, Any]:
         "quantizedBytes": (directory / QUANTIZED).stat().st_size if quantized else None,
         "heldOutLoss": loss,
         "reloadedHeldOutLoss": reloaded_loss,
+        "quantization": (
+            f"{', '.join(codecs)} weight-only codes and scales of {len(layers)} linear layers in {QUANTIZED}"
+            if layers
+            else None
+        ),
         "optimizations": meta["optimizations"],
     }
     ctx.results["artifact"] = info

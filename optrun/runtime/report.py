@@ -221,6 +221,9 @@ def markdown(result: Result, model: str, plots: list[str], objective: str = "spe
         ]
         for k, t in result.speedups.items():
             lines.append(f"| {k} | {t.median:.2f}x | {t.min:.2f}x | {t.max:.2f}x | {t.repeats} |")
+    lines += _stages(result.details)
+    lines += _kernels(result.details)
+    lines += _artifact(result)
     s = result.safety
     lines += ["", "## Safety", "", f"Trips: {json.dumps(s.trips)}; recoveries: {s.recoveries}.", ""]
     lines += [
@@ -237,6 +240,124 @@ def markdown(result: Result, model: str, plots: list[str], objective: str = "spe
     for p in plots:
         lines += ["", f"![{p}]({p})"]
     return "\n".join(lines) + "\n"
+
+
+def _stages(details: dict[str, Any]) -> list[str]:
+    """Each stage: ran, skipped (and why) or failed (and how)."""
+    stages = details.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        return []
+    lines = ["", "## Stages", "", "| stage | status | seconds | reason |", "|---|---|---|---|"]
+    seconds = details.get("stageSeconds") or {}
+    for name, entry in stages.items():
+        took = seconds.get(name)
+        lines.append(
+            f"| {name} | {entry.get('status', '')} | {'' if took is None else f'{took:.1f}'} | "
+            f"{_cell(str(entry.get('reason', '')))} |"
+        )
+    return lines
+
+
+# The kernel table's columns: each candidate the selection measures, as the report names it.
+KERNEL_CANDIDATES = {
+    "eager": "eager",
+    "compile": "torch.compile",
+    "triton": "optrun (Triton)",
+    "liger": "Liger",
+}
+
+
+def _kernels(details: dict[str, Any]) -> list[str]:
+    """Per operation the candidates measured (median forward + backward on the run's shapes), the
+    ones not measured or rejected and why, and the choice; then the patched model's parity."""
+    k = details.get("kernels")
+    if not isinstance(k, dict) or not isinstance(k.get("choices"), dict):
+        return []
+    lines = [
+        "",
+        "## Kernels",
+        "",
+        f"Mode {k.get('mode', '?')} on {k.get('device', '?')}: per operation, the median time of forward + "
+        "backward on the inputs the model gives that layer; the fastest candidate that matches eager is chosen.",
+        "",
+        "| operation | " + " | ".join(KERNEL_CANDIDATES.values()) + " | choice |",
+        "|---|" + "---|" * (len(KERNEL_CANDIDATES) + 1),
+    ]
+    why: dict[tuple[str, str], list[str]] = {}  # (candidate, reason) -> operations
+    for op, c in k["choices"].items():
+        times, skipped = c.get("times") or {}, c.get("skipped") or {}
+        cells = []
+        for name in KERNEL_CANDIDATES:
+            if name in times:
+                cells.append(f"{times[name] * 1e3:.3f} ms")
+                continue
+            reason = skipped.get(name, skipped.get("*"))
+            cells.append("rejected" if reason and reason.startswith("parity") else "not measured")
+            if reason:
+                why.setdefault((KERNEL_CANDIDATES[name], reason), []).append(op)
+        lines.append(f"| {op} | " + " | ".join(cells) + f" | **{c.get('choice', '?')}** |")
+    if why:
+        lines += [""] + [
+            f"- {cand} ({', '.join(ops)}): {_cell(reason)}" for (cand, reason), ops in why.items()
+        ]
+    parity = k.get("parity")
+    if isinstance(parity, dict):
+        verdict = "matches" if parity.get("passed") else "DOES NOT match"
+        lines += [
+            "",
+            f"Parity: the patched model {verdict} the unpatched one on held-out data (logits, loss, "
+            f"{parity.get('gradients', 0)} gradients; worst relative difference "
+            f"{_fmt(parity.get('worstRelativeDifference'))}){': ' + parity['reason'] if parity.get('reason') else ''}.",
+        ]
+    return lines
+
+
+def _artifact(result: Result) -> list[str]:
+    """Where the judged model is, how big, its held-out loss, and how to load it."""
+    a = result.artifact
+    lines = ["", "## Artifact", ""]
+    if a is None:
+        stage = (result.details.get("stages") or {}).get("artifact") or {}
+        return [*lines, f"None written{': ' + _cell(str(stage['reason'])) if stage.get('reason') else ''}."]
+    lines += [
+        f"`{a.path}` ({a.format}): {a.size_bytes:,} bytes ({a.size_bytes / 2**20:.2f} MiB) of weights, config "
+        "and tokenizer that a standard loader reads.",
+        "",
+        f"- Held-out loss: {_fmt(a.held_out_loss)} as written"
+        + (
+            f", {_fmt(a.reloaded_held_out_loss)} reloaded the standard way"
+            if a.reloaded_held_out_loss is not None
+            else ""
+        )
+        + ".",
+    ]
+    if a.quantization:
+        size = (
+            f" ({a.quantized_bytes:,} bytes, {a.quantized_bytes / 2**20:.2f} MiB)"
+            if a.quantized_bytes
+            else ""
+        )
+        lines.append(
+            f"- Quantized form: {a.quantization}{size}; model.safetensors holds the same layers dequantized "
+            "(exactly what they compute)."
+        )
+    else:
+        lines.append("- Quantized form: none (float weights).")
+    lines += [f"- Applied: {'; '.join(a.optimizations)}." if a.optimizations else "- Applied: nothing."]
+    lines += ["", "Load it:", "", "```python"]
+    if a.format == "hf-safetensors":
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained("{a.path}")  # float weights',
+            f'tokenizer = AutoTokenizer.from_pretrained("{a.path}")',
+        ]
+    lines += [
+        "from optrun.runtime.artifact import load",
+        f'model = load("{a.path}")  # optrun CausalLM'
+        + (", with the quantized layers" if a.quantization else ""),
+        "```",
+    ]
+    return lines
 
 
 def _own_tests(tests: list[TestResult]) -> list[str]:

@@ -196,6 +196,52 @@ def test_patched_model_on_cuda_matches_unpatched(precision: str) -> None:
         check(g1[name], g0[name], tol, f"grad {name}")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["triton", "liger"])
+def test_a_hf_llama_patched_on_cuda_matches_unpatched(kind: str, precision: str) -> None:
+    """Every patch site of a Hugging Face Llama (RMSNorm, SwiGLU MLP, rotary, loss) swapped for
+    optrun's kernels or Liger-Kernel's: the logits, loss and every gradient of the unpatched
+    model. Liger's RMSNorm and SwiGLU kernels do not run in Triton's CPU interpreter, so this is
+    where they are executed."""
+    import transformers
+
+    from optrun.runtime.lm import hf
+    from optrun.runtime.lm.example import config_for, train_tokenizer
+    from optrun.runtime.lm.tokenizers import HFTokenizer
+
+    if kind == "liger":
+        pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    config = config_for("llama", 2048, hidden=256, layers=2)
+    base = hf.HFCausalLM(transformers.LlamaForCausalLM(config), HFTokenizer(train_tokenizer())).to(CUDA)
+    fused = copy.deepcopy(base)
+    report = patch_model(fused, kind)
+    assert report.counts() == {
+        "swiglu": {kind: 2},
+        "rms_norm": {kind: 5},
+        "cross_entropy": {kind: 1},
+        "rope": {kind: 1},
+    }
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    x = torch.randint(0, 2048, (4, 256), generator=gen, device=CUDA)
+    y = torch.randint(0, 2048, (4, 256), generator=gen, device=CUDA)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    results = []
+    for model in (base, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+            loss = model.loss(x, y)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (l0, s0, g0), (l1, s1, g1) = results
+    tol = MODEL_TOLERANCE[dtype]
+    check(l1, l0, tol, "logits")
+    check(s1, s0, tol, "loss")
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        check(g1[name], g0[name], tol, f"grad {name}")
+
+
 def test_selection_on_cuda_measures_triton_against_eager(tmp_path) -> None:
     # torch.compile is left out (compile_timeout_s=0) to keep this file short: Inductor takes
     # seconds per operation; benchmarks/kernels.py and the CPU tests exercise the compile path.

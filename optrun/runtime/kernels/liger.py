@@ -32,6 +32,21 @@ def _functional() -> Any:
     return functional
 
 
+def _call(name: str, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Liger's functional `name` on `x`. On a CPU (Triton's interpreter: tests only) the call runs
+    with triton's own library functions routed to the interpreter, as optrun's kernels run there
+    (`ops/_launch.py`): they were built compiled when triton was imported, before a test set
+    TRITON_INTERPRET. Routing the forward is enough: the backward passes of Liger's rotary and
+    fused cross-entropy (the ones that run in the interpreter) call no library function."""
+    fn = getattr(_functional(), name)
+    if x.device.type == "cuda":
+        return fn(x, *args, **kwargs)
+    from optrun.runtime.kernels.ops._launch import _interpreting
+
+    with _interpreting():
+        return fn(x, *args, **kwargs)
+
+
 class LigerRMSNorm(nn.Module):
     optrun_fused = True
 
@@ -43,7 +58,7 @@ class LigerRMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # casting_mode "llama": fp32 inside, rounded to the input dtype before the weight, as
         # transformers' Llama-family norms do; not in place (autograd may still need x).
-        return _functional().liger_rms_norm(x, getattr(self, self._weight_name), self.eps, in_place=False)
+        return _call("liger_rms_norm", x, getattr(self, self._weight_name), self.eps, in_place=False)
 
 
 class LigerSwiGLU(nn.Module):
@@ -57,7 +72,7 @@ class LigerSwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up, down = (getattr(self, n) for n in self._names)
-        return down(_functional().liger_swiglu(gate(x), up(x)))
+        return down(_call("liger_swiglu", gate(x), up(x)))
 
 
 class LigerRotaryTables(nn.Module):
@@ -75,7 +90,7 @@ class LigerRotaryTables(nn.Module):
         t = q.shape[-2]
         c, s = self.cos[start : start + t], self.sin[start : start + t]
         cos, sin = torch.cat((c, c), -1)[None].to(q.dtype), torch.cat((s, s), -1)[None].to(q.dtype)
-        q2, k2 = _functional().liger_rope(q, k, cos, sin)
+        q2, k2 = _call("liger_rope", q, k, cos, sin)
         return q2, k2
 
 
@@ -87,7 +102,7 @@ class LigerRotaryApply(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
     ) -> tuple[Tensor, Tensor]:
-        q2, k2 = _functional().liger_rope(q, k, cos, sin, None, unsqueeze_dim)
+        q2, k2 = _call("liger_rope", q, k, cos, sin, None, unsqueeze_dim)
         return q2, k2
 
 
@@ -102,8 +117,12 @@ class LigerLMHeadLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-        loss = _functional().liger_fused_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index=self.ignore_index
+        loss = _call(
+            "liger_fused_linear_cross_entropy",
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
         )
         return loss[0] if isinstance(loss, tuple) else loss
 

@@ -10,9 +10,13 @@ tokens under greedy decoding (the cache is exact in full precision), which the t
 Rows are decoded in lockstep: a row that has emitted EOS keeps being fed PAD, and its later
 tokens are reported as PAD; generation stops when every row is done.
 
-TinyLM has no attention mask, so prompts of one batch must have the same length; `left_pad`
-makes them so by prepending PAD, which the model then sees as part of the prompt (callers that
-train on such prompts, like the RLVR stage, use the same padding in training and evaluation).
+Prompts of one batch have one length; `left_pad` makes them so by prepending PAD. Given the
+prompts' `attention_mask` (`optrun.runtime.lm.base.left_padding_mask`), a model that attends by
+mask (a Hugging Face model: `CausalLM.attends_to_mask`) has that padding masked out and its
+positions counted from each row's first real token, so a padded prompt decodes exactly as it
+would alone (as transformers' generate does). TinyLM has no mask and sees the PAD tokens as part
+of the prompt (callers that train on such prompts, like the RLVR stage, use the same padding in
+training and evaluation).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 
 from optrun.runtime.data import EOS, PAD
 from optrun.runtime.kvcache.cache import DENSE_DTYPES, KVCacheFactory, check_dtype, make_cache
-from optrun.runtime.lm.base import autocast
+from optrun.runtime.lm.base import autocast, call
 
 _TORCH_TO_NAME = {dt: name for name, dt in DENSE_DTYPES.items()}
 
@@ -98,6 +102,7 @@ def generate(
     pad_id: int | Literal["model"] = "model",
     generator: torch.Generator | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    attention_mask: Tensor | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` after `prompt` (B, P) for every row.
 
@@ -105,7 +110,8 @@ def generate(
     preallocated cache of `cache_dtype`, by default the model's parameter dtype).
     temperature 0 is greedy; eos_id None never stops early (fixed-length timing runs); "model"
     (the default) takes EOS and PAD from the model's tokenizer. compute_dtype: the run's compute
-    dtype (autocast below fp32)."""
+    dtype (autocast below fp32). attention_mask: (B, P), 0 on the prompts' left padding (see the
+    module docstring); used by models that attend by mask."""
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, P) tensor, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 1:
@@ -141,7 +147,11 @@ def generate(
         tokens[:, :p] = prompt
         done = torch.zeros(b, dtype=torch.bool, device=device)
         lengths = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
-        logits = model(prompt, cache, 0)[:, -1] if cache is not None else model(prompt)[:, -1]
+        mask = None  # (B, total): the prompts' padding, then every generated position
+        if attention_mask is not None and getattr(model, "attends_to_mask", False):
+            ones = torch.ones((b, max_new_tokens), dtype=torch.long, device=device)
+            mask = torch.cat((attention_mask.to(device).long(), ones), dim=1)
+        logits = call(model, prompt, cache, 0, mask)[:, -1]
         n = 0
         for n in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, generator)
@@ -156,9 +166,9 @@ def generate(
             if n + 1 == max_new_tokens:
                 break
             if cache is not None:
-                logits = model(nxt[:, None], cache, p + n)[:, -1]
+                logits = call(model, nxt[:, None], cache, p + n, mask)[:, -1]
             else:
-                logits = model(tokens[:, : p + n + 1])[:, -1]
+                logits = call(model, tokens[:, : p + n + 1], None, 0, mask)[:, -1]
         used = p + n + 1
         tokens[:, used:] = pad_id
     finally:

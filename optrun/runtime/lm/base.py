@@ -4,6 +4,11 @@ A stage never asks what kind of model it holds. It calls
 
     model(tokens, cache=None, start=0) -> logits (B, T, V)   forward; with an optrun KV cache,
                                                              `tokens` sit at positions [start, start+T)
+    model.attends_to_mask              -> whether forward also takes attention_mask= (B, start+T):
+                                          1 for real tokens, 0 for left padding (Hugging Face
+                                          models); the built-in models have no mask and see the
+                                          padding as part of the prompt. `call` and
+                                          `left_padding_mask` below pass one only where it applies
     model.loss(tokens, targets)        -> mean next-token cross-entropy (ignore_index -100), which
                                           is model(tokens, targets=targets): through forward (what
                                           DDP and FSDP hook) and `model.loss_fn` (what a fused
@@ -87,6 +92,9 @@ class CausalLM(nn.Module):
     # Whether the patcher may also match layers by their structure (Llama-shaped norms and MLPs
     # of a user's own model) beyond `patch_mapping`.
     recognise_by_structure: bool = True
+    # Whether forward takes attention_mask= (left padding masked out, positions counted from
+    # each row's first real token); see `left_padding_mask`.
+    attends_to_mask: bool = False
 
     @property
     def cfg(self) -> Any:  # Dims, or a config with the same attributes
@@ -97,10 +105,13 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         raise NotImplementedError
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, tokens: Tensor, targets: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The loss goes through forward (`targets=`): wrappers that hook a module's forward
-        (DDP, FSDP2's fully_shard) then see every computation the model does."""
-        return self(tokens, targets=targets)
+        (DDP, FSDP2's fully_shard) then see every computation the model does. `attention_mask`
+        only for a model that attends_to_mask (see `left_padding_mask`)."""
+        if attention_mask is None:
+            return self(tokens, targets=targets)
+        return self(tokens, targets=targets, attention_mask=attention_mask)
 
     def blocks(self) -> list[nn.Module]:
         """The decoder layers, in order (FSDP shards each as its own unit)."""
@@ -123,6 +134,34 @@ class CausalLM(nn.Module):
     def describe(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.parameters())
         return {"family": self.family, "parameters": params, "dims": _dims_dict(self.cfg)}
+
+
+def left_padding_mask(
+    model: nn.Module, prompt: Tensor, pad_id: int, length: int | None = None
+) -> Tensor | None:
+    """The attention mask (B, length) of a batch of left-padded prompts (B, P), as transformers'
+    tokenizers give it with padding_side="left": 0 on each row's leading PAD tokens, 1 from its
+    first real token on, and 1 on the `length - P` positions that follow the prompt (generated or
+    appended tokens). None where no mask applies: a model that does not attend by mask (the
+    built-in models train and evaluate on the padded prompts as they are) or no row padded."""
+    if not getattr(model, "attends_to_mask", False):
+        return None
+    real = (prompt != pad_id).cumsum(dim=1) > 0
+    if bool(real.all()):
+        return None
+    b, p = prompt.shape
+    tail = torch.ones((b, (length or p) - p), dtype=torch.long, device=prompt.device)
+    return torch.cat((real.long(), tail), dim=1)
+
+
+def call(
+    model: nn.Module, tokens: Tensor, cache: Any = None, start: int = 0, attention_mask: Tensor | None = None
+) -> Tensor:
+    """model(tokens, cache, start), with attention_mask (covering [0, start+T)) only when one is
+    given: a model without masking never sees the keyword."""
+    if attention_mask is None:
+        return model(tokens, cache, start)  # type: ignore[no-any-return]
+    return model(tokens, cache, start, attention_mask=attention_mask[:, : start + tokens.shape[1]])  # type: ignore[no-any-return]
 
 
 def _dims_dict(cfg: Any) -> dict[str, int]:

@@ -205,6 +205,7 @@ class HFCausalLM(CausalLM):
     # Patch sites come from FAMILIES only: a look-alike layer of another family (Gemma's norm
     # scales by 1 + weight) would compute something else under a kernel.
     recognise_by_structure = False
+    attends_to_mask = True
 
     def __init__(self, hf: nn.Module, tokenizer: HFTokenizer, *, source: str | None = None) -> None:
         super().__init__()
@@ -236,26 +237,50 @@ class HFCausalLM(CausalLM):
             _ROPE_SITE.reset(token)
 
     def forward(
-        self, tokens: Tensor, cache: Any = None, start: int = 0, targets: Tensor | None = None
+        self,
+        tokens: Tensor,
+        cache: Any = None,
+        start: int = 0,
+        targets: Tensor | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
+        """Logits (or, with `targets`, the loss). `attention_mask` (B, start+T), 1 for real
+        tokens and 0 for left padding: the padding is masked out of attention and positions
+        count from each row's first real token, as transformers' generate and TRL do, so a
+        padded prompt computes what it computes alone."""
+        masking = self._masking(tokens, start, attention_mask)
         with self._sites():
             if targets is not None:
-                return self._loss(tokens, targets)
+                return self._loss(tokens, targets, masking)
             if cache is None:
-                return self.hf(input_ids=tokens, use_cache=False).logits
+                return self.hf(input_ids=tokens, use_cache=False, **masking).logits
             view = _wrapped(cache)
             view.seek(start)
-            return self.hf(input_ids=tokens, cache=view, use_cache=True).logits
+            return self.hf(input_ids=tokens, cache=view, use_cache=True, **masking).logits
 
-    def _loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    @staticmethod
+    def _masking(tokens: Tensor, start: int, attention_mask: Tensor | None) -> dict[str, Tensor]:
+        if attention_mask is None:
+            return {}
+        t = tokens.shape[1]
+        if attention_mask.shape != (tokens.shape[0], start + t):
+            raise ValueError(
+                f"attention_mask: shape {tuple(attention_mask.shape)}; expected (batch, start + tokens) = "
+                f"({tokens.shape[0]}, {start + t})"
+            )
+        # Padding gets position 0 (it is masked out; any position would do), real tokens 0, 1, ...
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
+        return {"attention_mask": attention_mask, "position_ids": positions}
+
+    def _loss(self, tokens: Tensor, targets: Tensor, masking: dict[str, Tensor]) -> Tensor:
         head = self.hf.get_output_embeddings()
         if getattr(head, "bias", None) is not None or getattr(
             self.hf.config, "final_logit_softcapping", None
         ):
             # A head the fused loss does not compute (a bias, soft-capped logits): the model's own logits.
-            logits = self.hf(input_ids=tokens, use_cache=False).logits
+            logits = self.hf(input_ids=tokens, use_cache=False, **masking).logits
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        hidden = self._base()(input_ids=tokens, use_cache=False).last_hidden_state
+        hidden = self._base()(input_ids=tokens, use_cache=False, **masking).last_hidden_state
         return self.loss_fn(hidden, head.weight, targets)
 
     def blocks(self) -> list[nn.Module]:
@@ -336,22 +361,41 @@ def load(source: Any, *, precision: str, device: torch.device) -> HFCausalLM:
 
 def wrap(obj: Any, field: str) -> CausalLM:
     """A factory's result as a CausalLM: an optrun CausalLM as it is, a (transformers model,
-    tokenizer) pair wrapped; anything else is an error that names the field."""
+    tokenizer) pair wrapped; anything else, or a model the stages cannot use (no tokenizer, no
+    dimensions), is an error that names the field."""
+    allowed = (
+        "allowed: an optrun CausalLM (optrun.runtime.lm.CausalLM, with a tokenizer and cfg) or a "
+        "(transformers PreTrainedModel with a causal-LM head, tokenizer) pair"
+    )
     if isinstance(obj, CausalLM):
-        return obj
-    if (
+        model = obj
+    elif (
         isinstance(obj, tuple)
         and len(obj) == 2
         and isinstance(obj[0], transformers.PreTrainedModel)
         and hasattr(obj[1], "encode")
     ):
-        return HFCausalLM(obj[0], HFTokenizer(obj[1]))
-    raise SourceError(
-        [
-            f"{field}: the factory returned {type(obj).__name__}; allowed: an optrun CausalLM "
-            "(optrun.runtime.lm.CausalLM) or a (transformers PreTrainedModel, tokenizer) pair"
-        ]
-    )
+        if obj[0].get_output_embeddings() is None:
+            name = type(obj[0]).__name__
+            raise SourceError(
+                [f"{field}: the factory returned {name}, which has no causal-LM head; {allowed}"]
+            )
+        try:
+            model = HFCausalLM(obj[0], HFTokenizer(obj[1]))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise SourceError(
+                [f"{field}: the factory's (model, tokenizer) pair is unusable: {exc}; {allowed}"]
+            ) from exc
+    else:
+        raise SourceError([f"{field}: the factory returned {type(obj).__name__}; {allowed}"])
+    try:
+        _ = (model.cfg.max_seq_len, model.tokenizer.eos_id)  # what every stage reads first
+    except (AttributeError, NotImplementedError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        raise SourceError(
+            [f"{field}: the factory's {type(model).__name__} is unusable: {why}; {allowed}"]
+        ) from exc
+    return model
 
 
 def read_config(path: Path) -> dict[str, Any]:

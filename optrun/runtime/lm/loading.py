@@ -9,7 +9,8 @@ acceptance suite and the speedup matrix take fresh copies.
 
 from __future__ import annotations
 
-import importlib
+import logging
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,16 @@ import torch
 
 from optrun.api.v1alpha1 import ModelSource, OptimizationRunSpec
 from optrun.runtime.lm.base import CausalLM
-from optrun.runtime.lm.sources import MODEL_FIELD, available_memory, parameter_count
+from optrun.runtime.lm.sources import (
+    FACTORY_ALLOWED,
+    MODEL_FIELD,
+    SourceProblem,
+    available_memory,
+    import_factory,
+    parameter_count,
+)
+
+log = logging.getLogger(__name__)
 
 # A training step holds the weights about four times over (weights, gradients and AdamW's two
 # moments), before activations.
@@ -54,21 +64,28 @@ def model_factory(spec: OptimizationRunSpec, device: torch.device) -> Callable[[
 
 
 def _from_factory(name: str) -> CausalLM:
-    module, attr = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(
-            [f"{MODEL_FIELD}: {name!r} cannot be imported: {type(exc).__name__}: {exc}"]
-        ) from exc
-    if not callable(fn):
-        raise ModelLoadError(
-            [f"{MODEL_FIELD}: {name!r} is not callable; allowed: a function returning the model"]
-        )
+    """Call the user's factory and wrap what it returns. Its errors are the user's to fix: they
+    come back as one line naming the field and where the factory raised, not as a traceback of
+    optrun (the full traceback goes to the debug log)."""
     from optrun.runtime.lm import hf
 
     try:
-        return hf.wrap(fn(), MODEL_FIELD)
+        fn = import_factory(name)
+    except SourceProblem as exc:
+        raise ModelLoadError([str(exc)]) from exc
+    try:
+        made = fn()
+    except Exception as exc:  # the user's code: whatever it raises is a bad model source
+        log.debug("the factory %s raised:\n%s", name, traceback.format_exc())
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ModelLoadError(
+            [
+                f"{MODEL_FIELD}: the factory {name!r} raised {type(exc).__name__}: {exc} "
+                f"(at {Path(frame.filename).name}:{frame.lineno}); {FACTORY_ALLOWED}"
+            ]
+        ) from exc
+    try:
+        return hf.wrap(made, MODEL_FIELD)
     except hf.SourceError as exc:
         raise ModelLoadError(exc.problems) from exc
 

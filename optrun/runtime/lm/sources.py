@@ -1,6 +1,7 @@
 """The user's model and data: checked before any long stage, read from local files only.
 
-`check(spec)` returns field-named problems (empty when the run can start): a model directory
+`check(spec)` returns field-named problems (empty when the run can start): a
+`package.module:factory` that does not import or is not callable, a model directory
 without config.json or safetensors weights, an architecture with no causal-LM head, custom code
 (`auto_map`, which optrun never runs), a tokenizer whose vocabulary does not fit the model's
 embedding, a sequenceLength above the model's position limit, a dataset path that does not
@@ -16,9 +17,11 @@ or ~/.cache/huggingface), and no `map` writes next to a save_to_disk directory.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,11 @@ def check(spec: OptimizationRunSpec) -> list[str]:
     w = spec.workload
     if isinstance(w.model, ModelSource) and not on_absent_volume(spec, w.model.path):
         problems += check_model(w.model, w.sequence_length)
+    elif isinstance(w.model, str) and ":" in w.model:
+        try:
+            import_factory(w.model)
+        except SourceProblem as exc:
+            problems.append(str(exc))
     if isinstance(w.dataset, DatasetSource) and not on_absent_volume(spec, w.dataset.path):
         problems += check_dataset(w.dataset, w.sequence_length)
     return problems
@@ -55,6 +63,29 @@ def on_absent_volume(spec: OptimizationRunSpec, path: str) -> bool:
 
 
 # -- the model -------------------------------------------------------------------------------------
+
+
+FACTORY_ALLOWED = (
+    "allowed: 'package.module:function', a function taking no arguments that returns an optrun CausalLM "
+    "(optrun.runtime.lm.CausalLM) or a (transformers PreTrainedModel, tokenizer) pair"
+)
+
+
+def import_factory(name: str) -> Callable[[], Any]:
+    """The function a `package.module:factory` model names (imported, not called); a module that
+    does not import, a missing name or one that is not callable is a SourceProblem naming the field."""
+    module, attr = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except Exception as exc:  # an import runs the user's module: any error it raises is bad input
+        raise SourceProblem(
+            f"{MODEL_FIELD}: {name!r} cannot be imported: {type(exc).__name__}: {exc}; {FACTORY_ALLOWED}"
+        ) from exc
+    if not callable(fn):
+        raise SourceProblem(
+            f"{MODEL_FIELD}: {name!r} is a {type(fn).__name__}, not a function; {FACTORY_ALLOWED}"
+        )
+    return fn  # type: ignore[no-any-return]
 
 
 def check_model(source: ModelSource, sequence_length: int) -> list[str]:

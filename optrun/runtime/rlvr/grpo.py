@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optrun.runtime.kvcache.generate import generate
-from optrun.runtime.lm.base import adamw
+from optrun.runtime.lm.base import adamw, call, left_padding_mask
 from optrun.runtime.lm.tokenizers import ByteTokenizer
 from optrun.runtime.rlvr.rewards import Completion, combined, exact_match, format_reward
 from optrun.runtime.rlvr.tasks import Problem, Task, encode_answers, encode_prompts, sample
@@ -58,9 +58,13 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def completion_logprobs(model: nn.Module, tokens: Tensor, prompt_len: int) -> Tensor:
-    """Log-probs (B, N) of the completion tokens tokens[:, P:] under `model`."""
-    logits = model(tokens[:, :-1])[:, prompt_len - 1 :]  # (B, N, V): position t predicts t + 1
+def completion_logprobs(
+    model: nn.Module, tokens: Tensor, prompt_len: int, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Log-probs (B, N) of the completion tokens tokens[:, P:] under `model`; attention_mask
+    (B, P + N): the prompts' left padding (see `left_padding_mask`), for a model that attends by mask."""
+    mask = attention_mask[:, :-1] if attention_mask is not None else None
+    logits = call(model, tokens[:, :-1], None, 0, mask)[:, prompt_len - 1 :]  # (B, N, V): t predicts t + 1
     logp = F.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1)
 
@@ -115,6 +119,12 @@ def _tokenizer(model: nn.Module) -> Any:
     return getattr(model, "tokenizer", None) or ByteTokenizer()
 
 
+def _prompt_mask(model: nn.Module, prompts: Tensor, length: int | None = None) -> Tensor | None:
+    """The attention mask of left-padded prompts (to `length` positions) for a model that attends
+    by mask; None for the built-in models, which see the padding as part of the prompt."""
+    return left_padding_mask(model, prompts, _tokenizer(model).pad_id, length)
+
+
 def _user_tokenizer(model: nn.Module) -> Any:
     """The tokenizer prompts are encoded with: None for the byte-level tokenizer, whose prompts
     are padded to the family's widest (one shape per task, as before tokenizers were pluggable)."""
@@ -133,7 +143,9 @@ def evaluate(
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
         prompts = encode_prompts(chunk, task, max_digits, _user_tokenizer(model)).to(device)
-        gen = generate(model, prompts, task.max_new_tokens(max_digits))
+        gen = generate(
+            model, prompts, task.max_new_tokens(max_digits), attention_mask=_prompt_mask(model, prompts)
+        )
         for p, c in zip(chunk, to_completions(gen.completions, gen.lengths, _tokenizer(model)), strict=True):
             _, parts = exact(p, c)
             hits += parts["exact-match"]
@@ -220,7 +232,8 @@ def supervised_warmup(
         p = prompts.shape[1]
         # Position t predicts token t + 1: the last prompt position predicts the first answer byte.
         targets[:, p - 1 : -1] = torch.where(mask, answers, torch.full_like(answers, -100)).to(device)
-        loss = model.loss(tokens, targets)
+        attention = _prompt_mask(model, prompts.to(device), tokens.shape[1])
+        loss = model.loss(tokens, targets) if attention is None else model.loss(tokens, targets, attention)
         opt.zero_grad(set_to_none=True)
         _with_replay(loss, model, replay).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,13 +298,14 @@ class GRPO:
         c = self.cfg
         problems = sample(self.task, c.prompts_per_step, self.max_digits, self.rng)
         prompts = encode_prompts(problems, self.task, self.max_digits, _user_tokenizer(self.policy))
-        prompts = prompts.repeat_interleave(c.group_size, dim=0)
+        prompts = prompts.repeat_interleave(c.group_size, dim=0).to(self.device)
         gen = generate(
             self.policy,
-            prompts.to(self.device),
+            prompts,
             self.task.max_new_tokens(self.max_digits),
             temperature=c.temperature,
             generator=self.gen,
+            attention_mask=_prompt_mask(self.policy, prompts),
         )
         completions = to_completions(gen.completions, gen.lengths, _tokenizer(self.policy))
         rewards, exact, fmt = [], [], []
@@ -307,14 +321,19 @@ class GRPO:
         mask = torch.arange(n, device=self.device)[None, :] < gen.lengths[:, None]  # (B, N)
         tokens = gen.tokens
         p = gen.prompt_len
+        attention = _prompt_mask(self.policy, prompts, tokens.shape[1])  # the padding, as in sampling
         with torch.no_grad():
-            ref = completion_logprobs(self.reference, tokens, p) if self.reference is not None else None
+            ref = (
+                completion_logprobs(self.reference, tokens, p, attention)
+                if self.reference is not None
+                else None
+            )
         self.policy.train()
         stats: dict[str, float] = {}
         loss = torch.zeros(())
         old: Tensor | None = None
         for _ in range(c.updates_per_batch):
-            logp = completion_logprobs(self.policy, tokens, p)
+            logp = completion_logprobs(self.policy, tokens, p, attention)
             if old is None:  # the first update runs on the sampling policy itself: its log-probs are pi_old
                 old = logp.detach()
             loss, stats = grpo_loss(

@@ -6,9 +6,11 @@ split is the same for every seed and every max_digits) is held out: training, wa
 GRPO never see those pairs, and accuracy is measured on them only.
 
 Encoding goes through the model's tokenizer: BOS + the prompt (or the tokenizer's chat template
-around it), left-padded with PAD (the built-in models have no attention mask, so a batch shares
-one prompt length; byte-level prompts are padded to the family's widest prompt); the completion
-is the answer's tokens followed by EOS.
+around it), left-padded with PAD so a batch shares one prompt length (byte-level prompts are
+padded to the family's widest prompt). A Hugging Face model gets the padding's attention mask
+(`optrun.runtime.lm.base.left_padding_mask`) in generation and in the loss, so it never attends
+to PAD; the built-in models have no mask and see the padding as part of the prompt. The
+completion is the answer's tokens followed by EOS.
 """
 
 from __future__ import annotations

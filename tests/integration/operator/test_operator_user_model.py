@@ -1,7 +1,9 @@
 """A user's Hugging Face model and dataset on a PersistentVolumeClaim, run by the operator on the
 real control plane: the claim is mounted read-only at the path the spec names, the runtime pod
-loads the model from it (never downloading), and the run ends in a decision; a model path that
-is not there ends the run with a result that names the field, without retries.
+loads the model from it (never downloading), and the run ends in a decision whose report names
+the Llama on the claim, the stages that ran and those that were off (with why), and a lineage
+on which training and compression changed that one model; a model path that is not there ends
+the run with a result that names the field, without retries.
 
 The claim's contents are written the way a platform team's volume would hold them: a directory
 save_pretrained wrote, and a JSONL file (optrun.runtime.lm.example, as `optrun example-model`).
@@ -9,6 +11,8 @@ save_pretrained wrote, and a JSONL file (optrun.runtime.lm.example, as `optrun e
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,9 @@ def hf_spec(model_path: str, claim: str) -> dict[str, Any]:
             "sequenceLength": 32,
             "batchSize": 4,
         },
+        # Compression on: a second stage that changes the model, so the lineage shows it was
+        # handed the trained model (kernels stay off: a CPU keeps eager anyway).
+        optimizations={"compression": {"enabled": True, "codec": "int8", "target": "weights"}},
         volumes=[{"name": "models", "claimName": claim, "mountPath": "/models"}],
         resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
     )
@@ -58,11 +65,43 @@ def test_a_hf_model_on_a_claim_runs_to_a_decision(
     (pod,) = runs.pods("mine")
     mounts = {m.mount_path: m for m in pod.spec.containers[0].volume_mounts}
     assert mounts["/models"].read_only is True
-    log = node_agent.container_log(namespace, "mine-attempt-1", "runtime")
-    assert "stage kernels" in log and "stage artifact" in log, log[-3000:]
+    # The report the pod wrote: the model judged is the Llama read from the claim, and the stage
+    # list says what ran and what was off.
+    pod_dir = node_agent.pod_dir(namespace, "mine-attempt-1")
+    (report,) = pod_dir.rglob("report.json")
+    details = json.loads(report.read_text())["details"]
+    model = details["model"]
+    assert (model["family"], model["source"], model["architecture"]) == (
+        "llama",
+        "/models/llama",
+        "LlamaForCausalLM",
+    )
+    assert details["data"]["split"] == "sha256" and details["data"]["documents"]["train"] > 0
+    stages = details["stages"]
+    skipped = {name: s["reason"] for name, s in stages.items() if s["status"] == "skipped"}
+    assert skipped == {
+        "kernels": "spec.optimizations.kernels.enabled is false",
+        "rlvr": "spec.rlvr.enabled is false",
+        "kvcache": "spec.optimizations.kvCache.enabled is false",
+    }
+    assert {"baseline", "train", "compression", "artifact", "acceptance"} <= {
+        name for name, s in stages.items() if s["status"] == "ran"
+    }
+    chain = details["lineage"]
+    assert [link["stage"] for link in chain] == ["baseline", "train", "compression", "artifact"]
+    for before_stage, after_stage in itertools.pairwise(chain):
+        assert after_stage["received"] == before_stage["handedOn"]
+    assert chain[1]["received"] != chain[1]["handedOn"]  # trained on the claim's data
+    assert chain[2]["received"] != chain[2]["handedOn"]  # the trained model, quantized
     # The run wrote its artifact to its own volume and nothing to the user's claim.
-    written = list(node_agent.pod_dir(namespace, "mine-attempt-1").rglob("optrun-artifact.json"))
+    written = list(pod_dir.rglob("optrun-artifact.json"))
     assert len(written) == 1 and (written[0].parent / "model.safetensors").exists(), written
+    meta = json.loads(written[0].read_text())
+    assert (meta["family"], meta["source"], meta["decision"]) == (
+        "llama",
+        "/models/llama",
+        status["decision"],
+    )
     assert {p: p.stat().st_mtime_ns for p in volume.rglob("*")} == before
 
 

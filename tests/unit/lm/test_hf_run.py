@@ -50,13 +50,10 @@ spec:
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact(
-    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path: Path, family: str
-) -> None:
+def run(manifest_text: str, tmp_path: Path) -> tuple[Result, Path]:
+    """`optrun run` on the manifest in a child process; its result and output directory."""
     manifest = tmp_path / "run.yaml"
-    manifest.write_text(MANIFEST.format(model=hf_dirs[family], data=jsonl_dataset))
+    manifest.write_text(manifest_text)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTRUN_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
@@ -69,6 +66,20 @@ def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact
     assert done.returncode in EXIT_FOR.values(), done.stderr[-3000:]
     result = Result.model_validate(json.loads((out / "report.json").read_text()))
     assert done.returncode == EXIT_FOR[result.decision.value]
+    return result, out
+
+
+def section(md: str, title: str) -> str:
+    assert f"\n## {title}\n" in md, f"report.md has no section {title!r}"
+    return md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact(
+    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path: Path, family: str
+) -> None:
+    result, out = run(MANIFEST.format(model=hf_dirs[family], data=jsonl_dataset), tmp_path)
     details = result.details
 
     # Every stage ran (none skipped, none crashed), in the lineage order.
@@ -87,6 +98,7 @@ def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact
     for before, after in itertools.pairwise(chain):
         assert after["received"] == before["handedOn"], (before, after)
     assert chain[2]["received"] != chain[2]["handedOn"]  # training changed the weights
+    assert chain[3]["received"] != chain[3]["handedOn"]  # GRPO changed them again, on the trained model
     assert chain[4]["received"] != chain[4]["handedOn"]  # compression quantized them
     assert details["model"]["family"] == family and details["data"]["split"] == "sha256"
 
@@ -102,14 +114,58 @@ def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact
         assert tests[name].passed, tests[name].reason
 
     # The artifact: from_pretrained loads it, and its held-out loss is the one the report names.
-    assert result.artifact is not None and Path(result.artifact.path) == out / "model"
+    artifact = result.artifact
+    assert artifact is not None and Path(artifact.path) == out / "model"
     import transformers
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
     model = hf.HFCausalLM(loaded, hf.load_tokenizer(str(out / "model"), None))
     corpus = Corpus.build(DatasetSource(path=str(jsonl_dataset)), model.tokenizer, sequence_length=32)
     loss = evaluate(model, corpus.eval_batches(32, 8, 2), torch.device("cpu"))["loss"]
-    assert abs(loss - result.artifact.held_out_loss) / result.artifact.held_out_loss < 1e-4
+    assert artifact.held_out_loss is not None
+    assert abs(loss - artifact.held_out_loss) / artifact.held_out_loss < 1e-4
     meta = json.loads((out / "model" / "optrun-artifact.json").read_text())
     assert meta["decision"] == result.decision.value
-    assert "model" in (out / "report.md").read_text().lower()
+
+    # report.md names the artifact, its size and its held-out loss, and the quantized form.
+    md = (out / "report.md").read_text()
+    text = section(md, "Artifact")
+    assert f"`{out / 'model'}` (hf-safetensors): {artifact.size_bytes:,} bytes" in text
+    # The size is that of the files a standard loader reads (the quantized codes and optrun's
+    # metadata aside).
+    standard = [
+        p
+        for p in (out / "model").iterdir()
+        if p.name not in ("quantized.safetensors", "optrun-artifact.json")
+    ]
+    assert artifact.size_bytes == sum(p.stat().st_size for p in standard)
+    assert f"- Held-out loss: {artifact.held_out_loss:.4g} as written" in text
+    assert "- Quantized form: int8 weight-only codes and scales of" in text
+    assert f'AutoModelForCausalLM.from_pretrained("{out / "model"}")' in text
+    # ...and the kernel table names every patched operation of the model.
+    kernels = section(md, "Kernels")
+    for op in ("rms_norm", "swiglu", "rope", "cross_entropy"):
+        assert f"| {op} | " in kernels
+
+
+@pytest.mark.slow
+def test_a_stage_that_is_off_is_skipped_with_its_reason_and_is_not_on_the_lineage(
+    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path: Path
+) -> None:
+    manifest = MANIFEST.format(model=hf_dirs["qwen2"], data=jsonl_dataset)
+    manifest = manifest.replace("rlvr: {enabled: true", "rlvr: {enabled: false")
+    manifest = manifest.replace("kvCache: {enabled: true", "kvCache: {enabled: false")
+    result, out = run(manifest, tmp_path)
+    stages = result.details["stages"]
+    assert stages["rlvr"] == {"status": "skipped", "reason": "spec.rlvr.enabled is false"}
+    assert stages["kvcache"] == {"status": "skipped", "reason": "spec.optimizations.kvCache.enabled is false"}
+    assert {k for k, v in stages.items() if v["status"] != "ran"} == {"rlvr", "kvcache"}
+    chain = result.details["lineage"]
+    assert [link["stage"] for link in chain] == ["baseline", "kernels", "train", "compression", "artifact"]
+    for before, after in itertools.pairwise(chain):
+        assert after["received"] == before["handedOn"], (before, after)
+    assert {t.name: t.passed for t in result.tests}["infra.lineage-unbroken"]
+    assert "rlvr" not in result.details and "kvcache" not in result.details  # nothing faked
+    table = section((out / "report.md").read_text(), "Stages")
+    assert "| rlvr | skipped |  | spec.rlvr.enabled is false |" in table
+    assert "| kvcache | skipped |  | spec.optimizations.kvCache.enabled is false |" in table

@@ -10,6 +10,7 @@ that nothing a user gave is written to.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -56,15 +57,24 @@ def test_a_good_model_and_dataset_have_no_problem(hf_dirs: dict[str, Path], json
         ("missing-directory", "spec.workload.model.path: {path} does not exist"),
         ("no-config", "spec.workload.model.path: {path} has no config.json"),
         ("no-safetensors", "spec.workload.model.path: {path} has no *.safetensors weights"),
-        ("pickled-weights", "(found pytorch_model.bin: pickled weights are not loaded)"),
+        (
+            "pickled-weights",
+            "spec.workload.model.path: {path} has no *.safetensors weights (found pytorch_model.bin: "
+            "pickled weights are not loaded)",
+        ),
         (
             "no-causal-head",
-            "has no causal-LM head in transformers; allowed: model types AutoModelForCausalLM loads",
+            "spec.workload.model.path: architecture ViTModel (model_type 'vit') has no causal-LM head in "
+            "transformers; allowed: model types AutoModelForCausalLM loads",
         ),
-        ("custom-code", "needs custom code (auto_map in config.json), which optrun never runs"),
+        (
+            "custom-code",
+            "spec.workload.model.path: {path} needs custom code (auto_map in config.json), which optrun never runs",
+        ),
         (
             "tokenizer-too-big",
-            "the tokenizer has {tokens} tokens but the model's embedding holds vocab_size 64",
+            "spec.workload.model.path: the tokenizer has {tokens} tokens but the model's embedding holds "
+            "vocab_size 64",
         ),
         ("no-tokenizer", "spec.workload.model.path: no tokenizer files in {path}"),
         ("sequence-too-long", "spec.workload.sequenceLength: 4096 exceeds the model's position limit"),
@@ -97,7 +107,8 @@ def test_every_bad_model_directory_names_the_field(
     found = problems_of(spec({"path": str(path)}, sequence_length=length))
     tokens = len(hf.load_tokenizer(str(hf_dirs["llama"]), None).tok)
     expected = line.format(path=path, tokens=tokens)
-    assert any(expected in p for p in found), f"no line with {expected!r} in {found}"
+    # Each line starts with the field it is about, so a user knows what to change.
+    assert any(p.startswith(expected) for p in found), f"no line starting {expected!r} in {found}"
 
 
 def test_a_chat_template_asked_for_but_missing_names_the_field(hf_dirs: dict[str, Path]) -> None:
@@ -138,7 +149,7 @@ def test_every_bad_dataset_names_the_field(
         extra["evalPath"] = str(tmp_path / "eval.jsonl")
     found = problems_of(spec("tiny-lm", {"path": str(path), **extra}))
     expected = line.format(path=path, eval=tmp_path / "eval.jsonl")
-    assert any(expected in p for p in found), f"no line with {expected!r} in {found}"
+    assert any(p.startswith(expected) for p in found), f"no line starting {expected!r} in {found}"
 
 
 def test_too_few_tokens_for_one_sequence_names_the_field(tmp_path: Path) -> None:
@@ -171,6 +182,125 @@ def test_optrun_validate_exits_2_naming_the_field(hf_dirs: dict[str, Path], tmp_
         assert f"error: spec.workload.dataset.path: {tmp_path}/nope.jsonl does not exist" in done.stderr
         assert "nothing was run" in done.stderr
         assert not (tmp_path / "runs").exists()
+
+
+# -- a package.module:factory model ---------------------------------------------------------------------
+
+FACTORIES = """\
+import transformers
+from optrun.runtime.lm import CausalLM
+from optrun.runtime.lm.example import config_for, train_tokenizer
+
+NOT_A_FUNCTION = 3
+
+
+def raises():
+    raise RuntimeError("weights bucket unreachable")
+
+
+def a_dict():
+    return {"model": None}
+
+
+class NoTokenizer(CausalLM):
+    pass
+
+
+def no_tokenizer():
+    return NoTokenizer()
+
+
+def no_head():
+    tok = train_tokenizer()
+    return transformers.LlamaModel(config_for("llama", 576)), tok
+
+
+def good():
+    tok = train_tokenizer()
+    return transformers.LlamaForCausalLM(config_for("llama", 576)), tok
+"""
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's module of factories, importable as `my_factories`."""
+    (tmp_path / "my_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("factory", "line"),
+    [
+        ("no_such_module_here:make", "'no_such_module_here:make' cannot be imported: ModuleNotFoundError"),
+        ("my_factories:missing", "'my_factories:missing' cannot be imported: AttributeError"),
+        ("my_factories:NOT_A_FUNCTION", "'my_factories:NOT_A_FUNCTION' is a int, not a function"),
+        (
+            "my_factories:raises",
+            "the factory 'my_factories:raises' raised RuntimeError: weights bucket unreachable (at my_factories.py:",
+        ),
+        ("my_factories:a_dict", "the factory returned dict; allowed: an optrun CausalLM"),
+        ("my_factories:no_tokenizer", "the factory's NoTokenizer is unusable: NotImplementedError"),
+        ("my_factories:no_head", "the factory returned LlamaModel, which has no causal-LM head"),
+    ],
+)
+def test_a_factory_that_does_not_give_a_usable_model_names_the_field(
+    factories: Path, factory: str, line: str
+) -> None:
+    import torch
+
+    from optrun.runtime.lm.loading import ModelLoadError, model_factory
+
+    with pytest.raises(ModelLoadError) as caught:
+        model_factory(spec(factory), torch.device("cpu"))()
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"spec.workload.model: {line}"), problem
+    assert "allowed: " in problem
+
+
+def test_a_factory_returning_a_transformers_model_and_tokenizer_is_wrapped(factories: Path) -> None:
+    import torch
+
+    from optrun.runtime.lm.loading import model_factory
+
+    model = model_factory(spec("my_factories:good"), torch.device("cpu"))()
+    assert isinstance(model, hf.HFCausalLM) and model.family == "llama"
+    assert sources.check(spec("my_factories:good")) == []
+
+
+def test_optrun_validate_and_run_exit_2_on_a_bad_factory(factories: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{factories}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cases = {
+        # validate imports the factory (it does not call it): a name that does not import is caught there
+        "validate": (
+            "my_factories:missing",
+            "error: spec.workload.model: 'my_factories:missing' cannot be imported",
+        ),
+        # run calls it: what the factory raises ends the run before any stage, with exit 2
+        "run": (
+            "my_factories:raises",
+            "error: spec.workload.model: the factory 'my_factories:raises' raised",
+        ),
+    }
+    for command, (factory, line) in cases.items():
+        manifest = tmp_path / f"{command}.yaml"
+        manifest.write_text(
+            "apiVersion: optrun.io/v1alpha1\nkind: OptimizationRun\nmetadata: {name: mine}\n"
+            f"spec:\n  workload:\n    model: {factory}\n"
+        )
+        output = ["--output", str(tmp_path / "out")] if command == "run" else []
+        done = subprocess.run(
+            [sys.executable, "-m", "optrun.cli", command, str(manifest), *output],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert line in done.stderr
+        assert "Traceback" not in done.stderr
+        assert "nothing was run" in done.stderr
 
 
 # -- the corpus ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from optrun import judge
 from optrun.api.result import (
+    ArtifactInfo,
     Category,
     Expected,
     Result,
@@ -156,6 +157,78 @@ def test_report_markdown_has_decision_matrix_failures_and_recommendations(tmp_pa
     assert "## Scorecard" in md
     assert '"nan_loss": 1' in md
     assert "![training.png](training.png)" in md
+
+
+def section(md: str, title: str) -> str:
+    """The text of report.md's section `title`, up to the next section."""
+    assert f"\n## {title}\n" in md, f"no section {title!r}"
+    return md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_report_markdown_names_the_artifact_its_size_held_out_loss_and_how_to_load_it() -> None:
+    artifact = ArtifactInfo(
+        path="/runs/mine/model",
+        format="hf-safetensors",
+        size_bytes=3 * 2**20 + 5,
+        quantized_bytes=2**20,
+        held_out_loss=2.71828,
+        reloaded_held_out_loss=2.71829,
+        quantization="int8 weight-only codes and scales of 14 linear layers in quantized.safetensors",
+        optimizations=["kernels: rms_norm=eager", "compression: int8 weight-only"],
+    )
+    md = report.markdown(sample_result().model_copy(update={"artifact": artifact}), "m", [])
+    text = section(md, "Artifact")
+    assert "`/runs/mine/model` (hf-safetensors): 3,145,733 bytes (3.00 MiB)" in text
+    assert "- Held-out loss: 2.718 as written, 2.718 reloaded the standard way." in text
+    assert (
+        "- Quantized form: int8 weight-only codes and scales of 14 linear layers in quantized.safetensors "
+        "(1,048,576 bytes, 1.00 MiB)" in text
+    )
+    assert "- Applied: kernels: rms_norm=eager; compression: int8 weight-only." in text
+    assert 'model = AutoModelForCausalLM.from_pretrained("/runs/mine/model")' in text
+    assert 'model = load("/runs/mine/model")  # optrun CausalLM, with the quantized layers' in text
+
+
+def test_report_markdown_says_why_no_artifact_was_written() -> None:
+    details = {"stages": {"artifact": {"status": "failed", "reason": "OSError: disk full"}}}
+    md = report.markdown(sample_result().model_copy(update={"details": details}), "m", [])
+    assert section(md, "Artifact").strip() == "None written: OSError: disk full."
+    assert "| artifact | failed |  | OSError: disk full |" in section(md, "Stages")
+
+
+def test_report_markdown_has_a_kernel_table_of_every_candidate_per_operation() -> None:
+    kernels = {
+        "mode": "auto",
+        "device": "NVIDIA H100",
+        "choices": {
+            "rms_norm": {
+                "choice": "triton",
+                "times": {"eager": 1e-3, "triton": 4e-4, "liger": 5e-4, "compile": 8e-4},
+                "skipped": {},
+            },
+            "swiglu": {
+                "choice": "eager",
+                "times": {"eager": 2e-3},
+                "skipped": {
+                    "triton": "parity: output 0: 3 of 64 elements beyond tolerance",
+                    "liger": "liger-kernel is not installed (pip install liger-kernel)",
+                    "compile": "did not finish compiling within 2s",
+                },
+            },
+        },
+        "parity": {"passed": True, "worstRelativeDifference": 1.5e-6, "gradients": 19, "reason": ""},
+    }
+    md = report.markdown(sample_result().model_copy(update={"details": {"kernels": kernels}}), "m", [])
+    text = section(md, "Kernels")
+    assert "| operation | eager | torch.compile | optrun (Triton) | Liger | choice |" in text
+    assert "| rms_norm | 1.000 ms | 0.800 ms | 0.400 ms | 0.500 ms | **triton** |" in text
+    assert "| swiglu | 2.000 ms | not measured | rejected | not measured | **eager** |" in text
+    assert "- optrun (Triton) (swiglu): parity: output 0: 3 of 64 elements beyond tolerance" in text
+    assert "- Liger (swiglu): liger-kernel is not installed (pip install liger-kernel)" in text
+    assert (
+        "Parity: the patched model matches the unpatched one on held-out data (logits, loss, 19 gradients"
+        in text
+    )
 
 
 def test_training_plot_is_a_png(tmp_path: Path) -> None:
