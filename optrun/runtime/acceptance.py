@@ -117,6 +117,10 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._tests)
 
+    def collects(self, name: str, ctx: RunContext) -> bool:
+        """Whether a run with this context runs the test."""
+        return self._tests[name].applies(ctx.spec)
+
     def check(self, name: str, ctx: RunContext) -> Check:
         """Run one test; a test that raises is a failed check that names the error."""
         try:

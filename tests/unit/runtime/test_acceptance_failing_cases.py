@@ -22,7 +22,7 @@ from optrun.runtime.compression.quantized_linear import quantize_model
 from optrun.runtime.context import RunContext
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.orchestrator import endpoint_url, load_suite
-from optrun.runtime.speedup import SPEEDUP_KEYS
+from optrun.runtime.speedup import PARTS, SPEEDUP_KEYS
 from tests.unit.runtime.runtime_support import run_context, small_spec
 
 load_suite()
@@ -130,9 +130,12 @@ def batch_slower(tmp: Path) -> RunContext:
 # -- kernels ----------------------------------------------------------------------------------------
 
 
+KERNELS = {"kernels": {"enabled": True}}
+
+
 def kernels_break_the_model(tmp: Path) -> RunContext:
     """A "kernel" transform that changes the maths (scales the head)."""
-    ctx = _ctx(tmp)
+    ctx = _ctx(tmp, optimizations=KERNELS)
 
     def broken(m: torch.nn.Module) -> torch.nn.Module:
         with torch.no_grad():
@@ -225,8 +228,19 @@ def _rlvr(**over: Any) -> Builder:
     return _with({"rlvr": {**r, **over}}, rlvr={"enabled": True, "steps": 4})
 
 
+# The optimizations each speedup key times (the spec's sections that enable them).
+SPEEDUP_PARTS = {
+    "kernels": KERNELS,
+    "compression": INT8,
+    "kvcache": {"kvCache": {"enabled": True}},
+}
+
+
 def _speedup(key: str) -> Builder:
-    return _with({"speedup_matrix": {"ratios": {key: [0.01, 0.011, 0.012]}}})
+    optimizations: dict[str, Any] = {}
+    for part in PARTS[key]:
+        optimizations.update(SPEEDUP_PARTS[part])
+    return _with({"speedup_matrix": {"ratios": {key: [0.01, 0.011, 0.012]}}}, optimizations=optimizations)
 
 
 FAILING_CASES: dict[str, Builder] = {
@@ -282,7 +296,8 @@ FAILING_CASES: dict[str, Builder] = {
                 "device": "cpu",
                 "choices": {"rmsnorm": {"choice": "triton", "times": {}}},
             }
-        }
+        },
+        optimizations=KERNELS,
     ),
     "kernels.parity": _with(
         {
@@ -294,7 +309,8 @@ FAILING_CASES: dict[str, Builder] = {
                     "reason": "logits differ by 30% from the unpatched model's",
                 }
             }
-        }
+        },
+        optimizations=KERNELS,
     ),
     "kernels.training-loss": kernels_break_the_model,
     **{f"speedup.{key}": _speedup(key) for key in SPEEDUP_KEYS},
@@ -305,6 +321,7 @@ FAILING_CASES: dict[str, Builder] = {
     ),
     "memory.weights": _with(
         {"compression": {"weights": {"memory": {"floatBytes": 1000, "quantizedBytes": 1000}}}},
+        optimizations=INT8,
         acceptance={"objective": "memory"},
     ),
     "compression.roundtrip": weights_with_inf,
@@ -357,11 +374,16 @@ def test_every_registered_test_has_a_failing_case() -> None:
 def test_the_test_fails_with_a_reason(name: str, tmp_path: Path) -> None:
     ctx = FAILING_CASES[name](tmp_path)
     try:
+        # A case is a run that runs the test: one where the test is not collected proves nothing.
+        assert SUITE.collects(name, ctx), f"{name}: the case's run does not run the test"
         check = SUITE.check(name, ctx)
     finally:
         ctx.results["metrics"].close()
     print(f"{name}: {check.reason}")
     assert check.passed is False, check.reason
+    # Registry.check turns any exception into a failed check named "error: ...": a case that only
+    # crashes the test proves nothing about what it measures.
+    assert not check.reason.startswith("error:"), f"{name}: the case crashed the test: {check.reason}"
     assert len(check.reason) > 15, f"{name}: a reason a person understands, got {check.reason!r}"
 
 
