@@ -29,7 +29,7 @@ from optrun.api.v1alpha1 import Fault, OptimizationRunSpec
 from optrun.runtime.acceptance import SUITE, Check, in_range
 from optrun.runtime.context import RunContext
 from optrun.runtime.kernels.parity import MODEL_TOLERANCE, tolerance
-from optrun.runtime.lm.base import adamw, autocast, evaluate
+from optrun.runtime.lm.base import adamw, autocast, evaluate, fingerprint
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.training.checkpoint import CheckpointStore
 from optrun.runtime.training.gates import SafetyGateFailed, group_grad_norms
@@ -187,23 +187,62 @@ def checkpoint_restores(ctx: RunContext) -> Check:
     )
 
 
+# Stages that read the model and must hand on the weights they received (the kernels patch code,
+# never values). Training and compression say whether they changed the weights (`_changed`);
+# RLVR is in neither: a GRPO step whose groups all scored alike has no advantage to follow.
+READ_ONLY_STAGES = ("baseline", "kernels", "kvcache", "artifact")
+
+
+def _changed(ctx: RunContext, stage: str) -> str | None:
+    """What a stage recorded that must have changed the weights it received, or None."""
+    if stage == "train":
+        steps = len(ctx.results.get("train", {}).get("losses", []))
+        return f"{steps} optimizer steps" if steps else None
+    if stage == "compression":
+        weights = (ctx.results.get("compression") or {}).get("weights") or {}
+        layers = weights.get("compressedTensors", 0)
+        return f"{layers} quantized layers" if layers else None
+    return None
+
+
 @SUITE.test("infra.lineage-unbroken", CI, critical=True)
 def lineage_unbroken(ctx: RunContext) -> Check:
-    """Every stage received the model the stage before it handed on (the judged model is the
-    one that was trained and optimized, not a fresh copy)."""
+    """The model judged is the one the stages made, measured on the models themselves: its
+    fingerprint now is the one the last stage handed on, the float model the training tests
+    judge is the one compression received, nothing between two stages changed the model, a stage
+    that took optimizer steps or quantized layers handed on other weights than it received, and
+    a stage that only reads handed on the same."""
     chain = ctx.results.get("lineage", [])
-    if not chain:
-        return Check(False, reason="no lineage recorded")
-    breaks = [
-        f"{b['stage']} received {b['received']} after {a['stage']} handed on {a['handedOn']}"
+    if not chain or ctx.model is None:
+        return Check(False, reason="no lineage recorded" if not chain else "the run left no model to judge")
+    problems = []
+    judged = fingerprint(ctx.model)
+    if judged != chain[-1]["handedOn"]:
+        problems.append(f"the judged model is not the one {chain[-1]['stage']} handed on")
+    # Between two stages on the lineage others run (the speedup matrix): they must leave it alone.
+    problems += [
+        f"{b['stage']} received other weights than {a['stage']} handed on"
         for a, b in itertools.pairwise(chain)
         if b["received"] != a["handedOn"]
     ]
+    by_stage = {link["stage"]: link for link in chain}
+    trained = by_stage.get("compression", {}).get("received")
+    if ctx.trained is not None and trained is not None and fingerprint(ctx.trained) != trained:
+        problems.append("the trained float model changed after compression received it")
+    for link in chain:
+        same = link["received"] == link["handedOn"]
+        change = _changed(ctx, link["stage"])
+        if change and same:
+            problems.append(f"{link['stage']} recorded {change} but handed on the weights it received")
+        elif link["stage"] in READ_ONLY_STAGES and not same:
+            problems.append(f"{link['stage']} only reads the model but changed its weights")
     stages = " -> ".join(link["stage"] for link in chain)
     return Check(
-        not breaks,
-        measured=len(chain),
-        reason="; ".join(breaks) if breaks else f"one model through {stages}",
+        not problems,
+        measured={"stages": len(chain), "judged": judged},
+        reason="; ".join(problems)
+        or f"one model through {stages}: the judged model's fingerprint is the last stage's, each stage "
+        "changed the weights only where it trained or quantized",
     )
 
 

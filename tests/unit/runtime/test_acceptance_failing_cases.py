@@ -20,6 +20,7 @@ import torch
 from optrun.runtime.acceptance import SUITE
 from optrun.runtime.compression.quantized_linear import quantize_model
 from optrun.runtime.context import RunContext
+from optrun.runtime.lm import fingerprint
 from optrun.runtime.metrics import Metrics
 from optrun.runtime.orchestrator import endpoint_url, load_suite
 from optrun.runtime.speedup import PARTS, SPEEDUP_KEYS
@@ -65,6 +66,19 @@ def hardware_misdetected(tmp: Path) -> RunContext:
 def precision_unsupported(tmp: Path) -> RunContext:
     ctx = _ctx(tmp, workload={"precision": "bf16"})
     ctx.hardware = ctx.hardware.model_copy(update={"dtypes": {**ctx.hardware.dtypes, "bf16": False}})
+    return ctx
+
+
+def training_on_a_copy(tmp: Path) -> RunContext:
+    """The train stage took 6 optimizer steps on a copy and handed on the model it received."""
+    ctx = _trained(_ctx(tmp))
+    assert ctx.model is not None
+    same = fingerprint(ctx.model)
+    ctx.results["lineage"] = [
+        {"stage": "baseline", "received": same, "handedOn": same},
+        {"stage": "train", "received": same, "handedOn": same},
+    ]
+    ctx.results["train"] = {"steps": 6, "losses": [[step, 3.0 - 0.1 * step] for step in range(6)]}
     return ctx
 
 
@@ -247,14 +261,7 @@ FAILING_CASES: dict[str, Builder] = {
     "infra.hardware-detected": hardware_misdetected,
     "infra.precision-supported": precision_unsupported,
     "infra.checkpoint-restores": _ctx,  # a run that wrote no checkpoint
-    "infra.lineage-unbroken": _with(
-        {
-            "lineage": [
-                {"stage": "baseline", "received": "a", "handedOn": "a"},
-                {"stage": "train", "received": "b", "handedOn": "c"},
-            ]
-        }
-    ),
+    "infra.lineage-unbroken": training_on_a_copy,
     "infra.artifact-reloads": _with(
         {
             "artifact": {

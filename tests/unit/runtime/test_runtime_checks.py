@@ -177,3 +177,26 @@ def test_step_time_check_flags_a_slow_tail(trained: RunContext) -> None:
 def test_loss_decreased_fails_when_training_made_it_worse(trained: RunContext) -> None:
     worse = trained.results["baseline"]["loss"] + 1.0
     assert not checks.loss_decreased(variant(trained, final_loss=worse)).passed
+
+
+def test_lineage_is_measured_on_the_models_not_taken_from_the_record(tmp_path: Path) -> None:
+    ctx = run_context(small_spec(training={"epochs": 1}), tmp_path)
+    ctx.results["metrics"] = Metrics()
+    ctx.model = ctx.model_factory()
+    stages = orchestrator._Stages(LogObserver(), ctx.results["metrics"], ctx.results)
+    with stages.on_lineage("baseline", ctx):
+        pass
+    with stages.on_lineage("train", ctx):
+        orchestrator.train(ctx, ctx.model, RunOptions(output_dir=tmp_path), LogObserver())
+    ctx.trained = ctx.model
+    result = checks.lineage_unbroken(ctx)
+    assert result.passed, result.reason
+
+    # Something between the stage and the judge (an acceptance test, the speedup matrix) wrote
+    # into the judged model: the record still reads as a chain, the model does not.
+    assert ctx.model is not None
+    with torch.no_grad():
+        ctx.model.norm.weight.mul_(2.0)
+    result = checks.lineage_unbroken(ctx)
+    assert not result.passed
+    assert "the judged model is not the one train handed on" in result.reason
