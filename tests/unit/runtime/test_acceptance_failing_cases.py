@@ -165,16 +165,9 @@ def kernels_break_the_model(tmp: Path) -> RunContext:
 INT8 = {"compression": {"enabled": True, "codec": "int8", "target": "weights"}}
 
 
-def weights_with_inf(tmp: Path) -> RunContext:
-    ctx = _trained(_ctx(tmp, optimizations=INT8))
-    assert ctx.trained is not None
-    with torch.no_grad():
-        ctx.trained.output.weight[0, 0] = float("inf")
-    return ctx
-
-
 def quantized_past_the_bound(tmp: Path) -> RunContext:
-    """int4 weights (gate off) judged against a tight bound."""
+    """The judged model's layers quantized to int4 with the gate off (a bound of 1.0), in a run
+    whose bound is 0.001: its logits move about 2 % (the tiny model), far past 0.001."""
     opt = {
         "compression": {
             "enabled": True,
@@ -331,7 +324,6 @@ FAILING_CASES: dict[str, Builder] = {
         optimizations=INT8,
         acceptance={"objective": "memory"},
     ),
-    "compression.roundtrip": weights_with_inf,
     "compression.gate": _with(
         {"compression": {"gate": {"trips": 5, "tensors": 5, "failed": True}}}, optimizations=INT8
     ),
