@@ -80,7 +80,6 @@ def test_the_stage_records_the_sweep_and_passes_its_acceptance_tests(tmp_path, t
     assert set(checks) == {
         "kvcache.parity",
         "kvcache.memory-reduction",
-        "kvcache.batch-capacity",
         "kvcache.token-agreement",
         "kvcache.reconstruction-error",
         "kvcache.throughput-scaling",
@@ -92,8 +91,8 @@ def test_the_stage_records_the_sweep_and_passes_its_acceptance_tests(tmp_path, t
 
 
 def test_acceptance_tests_fail_on_a_cache_that_saves_nothing(tmp_path):
-    """The memory and capacity tests judge what was measured: an 8-bit spec whose measured
-    capacity equals fp16's fails them."""
+    """The memory test judges what was measured: an 8-bit spec whose measured capacity equals
+    fp16's fails it, and says the budget holds no more sequences."""
     ctx = _ctx(tmp_path, dtype="int8")
     same = {"bytes_per_token": 1024.0, "largest_batch": 100}
     ctx.results["kvcache"] = {
@@ -101,8 +100,9 @@ def test_acceptance_tests_fail_on_a_cache_that_saves_nothing(tmp_path):
         "capacity": {"fp32": dict(same), "fp16": dict(same), "int8": dict(same)},
         "capacity_context": 128,
     }
-    assert not acceptance.memory_reduction(ctx).passed
-    assert not acceptance.batch_capacity(ctx).passed
+    check = acceptance.memory_reduction(ctx)
+    assert not check.passed
+    assert "100 vs 100 sequences" in check.reason
 
 
 def test_acceptance_tests_name_the_missing_stage_result(tmp_path):
@@ -110,3 +110,28 @@ def test_acceptance_tests_name_the_missing_stage_result(tmp_path):
     ctx.results["kvcache"] = {"error": "RuntimeError: boom"}
     with pytest.raises(RuntimeError, match="left no parity: RuntimeError: boom"):
         acceptance.parity(ctx)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reference", "collected"),
+    [
+        ("int8", "fp32", True),
+        ("bf16", "fp32", True),
+        ("fp32", "fp32", False),
+        ("bf16", "bf16", False),
+        ("fp32", "bf16", False),
+    ],
+)
+def test_a_cache_that_holds_keys_and_values_exactly_does_not_collect_the_quantization_tests(
+    tmp_path, dtype, reference, collected
+):
+    """Agreement with the reference and the round-trip error mean nothing for a cache in the
+    model's own dtype (or fp32): the run leaves them out rather than pass them as constants."""
+    ctx = _ctx(tmp_path, dtype=dtype)
+    ctx.results["kvcache"] = {"reference": reference}
+    for name in ("kvcache.token-agreement", "kvcache.reconstruction-error"):
+        assert SUITE.collects(name, ctx) is collected, name
+    assert SUITE.collects("kvcache.parity", ctx)
+    # A stage that left nothing collects them: they fail with its error.
+    ctx.results["kvcache"] = {"error": "RuntimeError: boom"}
+    assert SUITE.collects("kvcache.token-agreement", ctx)
