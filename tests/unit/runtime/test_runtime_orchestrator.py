@@ -195,3 +195,63 @@ def test_out_of_memory_past_every_back_off_is_a_failed_test_in_a_report(
     assert "not measured" in tests["e2e.loss-decreased"]["reason"]
     assert not tests["e2e.training-completed"]["passed"]
     assert doc["decision"] == "NO_GO"
+
+
+# -- runs made to break -------------------------------------------------------------------------
+
+# Four steps reach a held-out accuracy of a few percent: the target is 0 unless a case sets it.
+SHORT = {"epochs": 1, "stepsPerEpoch": 4, "evalBatches": 1, "targetAccuracy": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("sections", "failed", "also"),
+    [
+        pytest.param(
+            # top-k keeping 1 % of each weight, with the gate off: the model is destroyed.
+            {
+                "optimizations": {
+                    "kernels": {"enabled": False},
+                    "compression": {
+                        "enabled": True,
+                        "codec": "topk",
+                        "target": "weights",
+                        "maxReconstructionError": 1.0,
+                    },
+                }
+            },
+            "compression.weights.inference_parity",
+            (),
+            id="destroyed-compression",
+        ),
+        pytest.param(
+            {"training": {**SHORT, "targetAccuracy": 0.99}},
+            "e2e.target-accuracy",
+            (),
+            id="unreachable-target",
+        ),
+        pytest.param(
+            {
+                "faults": [{"type": "nan-loss", "atStep": 1, "persistent": True}],
+                "safety": {"maxRecoveries": 2},
+            },
+            "safety.run-gates",
+            # No step trained: no epoch completed, and /metrics never showed a step.
+            ("e2e.training-completed", "infra.metrics-exported"),
+            id="wrecked-training",
+        ),
+    ],
+)
+def test_a_run_made_to_break_is_not_go_and_names_the_test_that_failed(
+    tmp_path: Path, sections: dict[str, object], failed: str, also: tuple[str, ...]
+) -> None:
+    spec = small_spec(**{"training": SHORT, "acceptance": {"repeats": 2}, **sections})
+    result = orchestrator.execute(spec, RunOptions(output_dir=tmp_path))
+    assert result is not None
+    doc = json.loads((tmp_path / "report.json").read_text())
+    tests = {t["name"]: t for t in doc["tests"]}
+    assert result.decision.value != "GO", result.decision_reason
+    assert doc["decision"] == result.decision.value
+    assert not tests[failed]["passed"] and tests[failed]["critical"]
+    assert failed in result.decision_reason, result.decision_reason
+    critical = {name for name, t in tests.items() if t["critical"] and not t["passed"]}
+    assert critical <= {failed, *also}, {name: tests[name]["reason"] for name in critical}
