@@ -528,7 +528,9 @@ def no_oom_backoff(ctx: RunContext) -> Check:
     train = ctx.results.get("train", {})
     backoffs = train.get("oom_backoffs", 0)
     error = str(train.get("error", ""))
-    if error.startswith("OutOfMemoryError"):
+    if train.get("gate_failed") == "oom":
+        error = str(train.get("gate_message", ""))
+    if error.startswith("OutOfMemoryError") or train.get("gate_failed") == "oom":
         return Check(
             False, measured=backoffs, reason=f"training ran out of memory past every back-off: {error}"
         )

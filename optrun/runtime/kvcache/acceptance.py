@@ -159,7 +159,18 @@ def throughput_scaling(ctx: RunContext) -> Check:
     """Decode throughput grows with the batch: at least the square root of the batch growth
     (capped at 2x), the least a batched decoder should give over one sequence at a time."""
     dtype = ctx.spec.optimizations.kv_cache.dtype
-    s = _results(ctx, "throughput_scaling")[dtype]
+    s = _results(ctx, "throughput_scaling").get(dtype)
+    if s is None:
+        why = [
+            f"B={c['batch']} C={c['context']}: {c['reason']}"
+            for c in _results(ctx, "skipped")
+            if c.get("dtype") == dtype and "batch" in c
+        ]
+        return Check(
+            False,
+            reason=f"{dtype} decode throughput was measured at fewer than two batch sizes"
+            + (f" ({'; '.join(why[:3])})" if why else ""),
+        )
     growth = s["batch_high"] / s["batch_low"]
     return in_range(
         s["ratio"],
