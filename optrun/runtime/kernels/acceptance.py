@@ -61,11 +61,7 @@ def detection(ctx: RunContext) -> Check:
     patched = info.get("swapped", {}).get("modules", {})
     differ = []
     for path, entry in patched.items():
-        want = (
-            entry["to"].removesuffix(" (compiled)")
-            if entry["choice"] in ("triton", "liger")
-            else entry["choice"]
-        )
+        want = entry["to"] if entry["choice"] in ("triton", "liger") else entry["choice"]
         try:
             got = running(ctx.model.get_submodule(path))
         except AttributeError:
