@@ -7,6 +7,10 @@ registers its own tests in its `acceptance.py`, imported by `optrun.runtime.suit
 
     @SUITE.test("kernels.parity", Category.END_TO_END, critical=True, applies=kernels_enabled)
     def kernel_parity(ctx: RunContext) -> Check: ...
+
+`applies` decides from the spec (an optimization that is off has no tests); `when` from the run
+itself, for a test that has nothing to measure in some runs (a KV cache in the model's own dtype
+has no quantization error): such a run does not collect it, rather than pass it as a constant.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ def always(spec: OptimizationRunSpec) -> bool:
     return True
 
 
+def in_every_run(ctx: RunContext) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class AcceptanceTest:
     name: str
@@ -85,6 +93,7 @@ class AcceptanceTest:
     critical: bool
     applies: Callable[[OptimizationRunSpec], bool]
     fn: Callable[[RunContext], Check]
+    when: Callable[[RunContext], bool] = in_every_run
 
 
 class Registry:
@@ -100,22 +109,29 @@ class Registry:
         *,
         critical: bool = False,
         applies: Callable[[OptimizationRunSpec], bool] = always,
+        when: Callable[[RunContext], bool] = in_every_run,
     ) -> Callable[[Callable[[RunContext], Check]], Callable[[RunContext], Check]]:
         def register(fn: Callable[[RunContext], Check]) -> Callable[[RunContext], Check]:
             if "." not in name:  # a name without a dot is a test of the user's (spec.acceptance.tests)
                 raise ValueError(f"acceptance test {name!r}: a built-in test's name is area.test")
             if name in self._tests and self._tests[name].fn is not fn:
                 raise ValueError(f"acceptance test {name!r} is registered twice")
-            self._tests[name] = AcceptanceTest(name, category, critical, applies, fn)
+            self._tests[name] = AcceptanceTest(name, category, critical, applies, fn, when)
             return fn
 
         return register
 
     def applicable(self, spec: OptimizationRunSpec) -> list[AcceptanceTest]:
+        """The tests a run of `spec` may collect (its `when` decides at the run)."""
         return [t for t in self._tests.values() if t.applies(spec)]
 
     def names(self) -> list[str]:
         return list(self._tests)
+
+    def collects(self, name: str, ctx: RunContext) -> bool:
+        """Whether a run with this context runs the test."""
+        t = self._tests[name]
+        return t.applies(ctx.spec) and t.when(ctx)
 
     def check(self, name: str, ctx: RunContext) -> Check:
         """Run one test; a test that raises is a failed check that names the error."""
@@ -129,6 +145,9 @@ class Registry:
         """Run every applicable test; a test that raises is a failed test, never a crashed suite."""
         results = []
         for t in self.applicable(ctx.spec):
+            if not t.when(ctx):
+                log.info("acceptance %s: not collected (nothing to measure in this run)", t.name)
+                continue
             started = time.monotonic()
             check = self.check(t.name, ctx)
             result = TestResult(

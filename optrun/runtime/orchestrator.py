@@ -281,7 +281,13 @@ def execute(spec: OptimizationRunSpec, opts: RunOptions, observer: Observer | No
             _kvcache,
         )
         with stages.run("speedups"):
-            _optional(ctx, "speedups", lambda: importlib.import_module("optrun.runtime.speedup").run(ctx))
+            # Its error goes beside the matrix (results["speedups"] holds only timings).
+            _optional(
+                ctx,
+                "speedups",
+                lambda: importlib.import_module("optrun.runtime.speedup").run(ctx),
+                record="speedup_matrix",
+            )
         with stages.on_lineage("artifact", ctx):
             from optrun.runtime import artifact
 
@@ -390,13 +396,14 @@ def _kvcache(ctx: RunContext) -> None:
     importlib.import_module("optrun.runtime.kvcache").run(ctx, ctx.model)
 
 
-def _optional(ctx: RunContext, key: str, fn: Callable[[], object]) -> None:
-    """A stage that crashes is recorded (its acceptance tests then fail), not fatal."""
+def _optional(ctx: RunContext, key: str, fn: Callable[[], object], *, record: str | None = None) -> None:
+    """A stage that crashes is recorded (its acceptance tests then fail), not fatal: the error
+    goes into the stage's results (`record`, default its own key) and its status."""
     try:
         fn()
     except Exception as exc:  # any crash (a TypeError too) must end in the report, never lose it
         log.error("stage %s failed: %s", key, traceback.format_exc())
-        entry = ctx.results.setdefault(key, {})
+        entry = ctx.results.setdefault(record or key, {})
         if isinstance(entry, dict):
             entry["error"] = f"{type(exc).__name__}: {exc}"
         ctx.results.setdefault("stages", {})[key] = {

@@ -431,6 +431,8 @@ def speedup_check(ctx: RunContext, key: str) -> Check:
     samples = matrix.get("ratios", {}).get(key)
     if not samples:
         why = matrix.get("skipped", {}).get(key, "not measured")
+        if "error" in matrix:  # the stage crashed (an out-of-memory error, say)
+            why = f"not measured: the speedup stage failed: {matrix['error']}"
         return Check(False, reason=f"{key} speedup {why}")
     objective = ctx.spec.acceptance.objective
     rng = ranges_for(ctx.spec, ctx.hardware)[key]

@@ -2,8 +2,9 @@
 spec.optimizations.kernels.enabled). The speedup range test is `speedup.kernels`, registered
 with the other speedup keys in optrun.runtime.speedup.
 
-- kernels.detection: selection ran and chose, per operation of the model, from measured times
-  (or, under a forced mode, recorded that it was forced).
+- kernels.detection: selection recognised the model's operations, and every module the patcher
+  swapped runs the chosen kernel in the model acceptance judges (looked up there, not taken
+  from the stage's record).
 - kernels.parity: the run's model, patched, computes the logits, loss and gradients it computed
   unpatched on a held-out batch, within `parity.MODEL_TOLERANCE` for the run's precision.
 - kernels.training-loss: a short training run with the kernels ends at the same loss as the
@@ -34,27 +35,50 @@ def kernels_enabled(spec: OptimizationRunSpec) -> bool:
     return spec.optimizations.kernels.enabled
 
 
+def running(module: torch.nn.Module) -> str:
+    """What a module of the model runs: a fused module's type (optrun's or Liger's kernels),
+    "compile" (its forward swapped for the compiled one) or "eager"."""
+    if getattr(module, "optrun_fused", False):
+        return type(module).__name__
+    return "compile" if "forward" in vars(module) else "eager"
+
+
 @SUITE.test("kernels.detection", Category.CRITICAL_INFRASTRUCTURE, critical=True, applies=kernels_enabled)
 def detection(ctx: RunContext) -> Check:
+    """Selection recognised the model's operations, and the judged model runs what it chose:
+    each module the patcher swapped is looked up in the model acceptance judges (after training,
+    RLVR and compression), and what it runs is compared with the choice."""
     info = ctx.results.get("kernels")
     if not info:
         return Check(False, reason="kernel selection did not run (no results['kernels'])")
-    choices = info.get("choices", {})
+    choices = {op: c["choice"] for op, c in info.get("choices", {}).items()}
     if not choices:
         return Check(
             False, measured={}, reason="no operation of the model was recognised for kernel selection"
         )
-    measured = {op: c["choice"] for op, c in choices.items()}
-    if info["mode"] == "auto":
-        unmeasured = [op for op, c in choices.items() if c["choice"] not in c.get("times", {})]
-        if unmeasured:
-            return Check(
-                False, measured=measured, reason=f"chosen without a measurement: {', '.join(unmeasured)}"
-            )
-        how = "measured on the device"
-    else:
-        how = f"forced by mode={info['mode']}"
-    return Check(True, measured=measured, reason=f"{len(choices)} operations on {info['device']}, {how}")
+    if ctx.model is None:
+        return Check(False, measured=choices, reason="the run left no model to look at")
+    patched = info.get("swapped", {}).get("modules", {})
+    differ = []
+    for path, entry in patched.items():
+        want = entry["to"] if entry["choice"] in ("triton", "liger") else entry["choice"]
+        try:
+            got = running(ctx.model.get_submodule(path))
+        except AttributeError:
+            got = "nothing (no such module)"
+        if got != want:
+            named = f" ({want})" if want != entry["choice"] else ""
+            differ.append(f"{path} runs {got}, selection chose {entry['choice']}{named}")
+    how = "measured on the device" if info["mode"] == "auto" else f"forced by mode={info['mode']}"
+    return Check(
+        bool(patched) and not differ,
+        measured={"choices": choices, "modules": len(patched), "differ": len(differ)},
+        reason="; ".join(differ[:3]) + (f" (and {len(differ) - 3} more)" if len(differ) > 3 else "")
+        if differ
+        else f"{len(choices)} operations on {info['device']} ({how}): "
+        + ", ".join(f"{op}={c}" for op, c in choices.items())
+        + f"; all {len(patched)} patched modules of the judged model run their choice",
+    )
 
 
 @SUITE.test("kernels.parity", Category.END_TO_END, critical=True, applies=kernels_enabled)

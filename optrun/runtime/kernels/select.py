@@ -227,6 +227,10 @@ def _try(
     else:
         try:
             got = step()
+        except torch.OutOfMemoryError as exc:  # this candidate does not fit; the others may
+            _free(device)
+            sel.skipped[name] = f"out of memory: {exc}"
+            return None
         # Triton's own errors (a kernel that fails to compile for this shape or GPU, runs out of
         # shared memory or registers: CompilationError, OutOfResources, PTXASError) are not
         # RuntimeErrors; they only occur natively, and must skip the candidate, not end the run.
@@ -237,8 +241,18 @@ def _try(
     if mismatch is not None:
         sel.skipped[name] = f"parity: {mismatch}"
         return None
-    sel.times[name] = measure(step, device, warmup=warmup, repeats=repeats).median
+    try:
+        sel.times[name] = measure(step, device, warmup=warmup, repeats=repeats).median
+    except torch.OutOfMemoryError as exc:  # timing runs it again and again (autotuning, caches)
+        _free(device)
+        sel.skipped[name] = f"out of memory while timing: {exc}"
     return None
+
+
+def _free(device: torch.device) -> None:
+    """After an out-of-memory error: hand the cached blocks back before the next candidate."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _within(fn: Callable[[], Any], timeout: float) -> tuple[str, Any]:

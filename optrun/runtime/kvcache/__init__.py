@@ -110,6 +110,8 @@ def _scaling(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         cells = sorted(
             (r["batch"], r["tokens_per_second"]) for r in rows if r["dtype"] == d and r["context"] == context
         )
+        if len(cells) < 2:  # the other batches did not fit (see skipped): no scaling to speak of
+            continue
         (b_lo, t_lo), (b_hi, t_hi) = cells[0], cells[-1]
         out[d] = {"ratio": t_hi / t_lo, "batch_low": b_lo, "batch_high": b_hi, "context": context}
     return out

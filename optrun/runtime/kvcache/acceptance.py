@@ -29,7 +29,7 @@ SCALE_OVERHEAD = 0.05
 # values at 2^-11 (fp16) or 2^-8 (bf16) relative, int8 absmax at 1/254 of a channel block's
 # range, fp8 e4m3 at 2^-4 relative: the coarser the code, the more near-ties flip. Measured on
 # the tiny-lm: >= 0.997 (fp16, bf16, int8) and >= 0.987 (fp8), trained or fresh.
-AGREEMENT_MIN = {"fp32": 1.0, "fp16": 0.99, "bf16": 0.98, "int8": 0.98, "fp8": 0.95}
+AGREEMENT_MIN = {"fp16": 0.99, "bf16": 0.98, "int8": 0.98, "fp8": 0.95}
 # Largest relative reconstruction error ||x - x'|| / ||x|| of keys and values: for the float
 # codes, their unit roundoff (a bound on every element's relative error, hence on the norm);
 # for int8, the compression stage's default gate (Compression.maxReconstructionError).
@@ -38,6 +38,20 @@ ERROR_MAX = {"fp16": 2.0**-11, "bf16": 2.0**-8, "fp8": 2.0**-4, "int8": 0.02}
 
 def enabled(spec: OptimizationRunSpec) -> bool:
     return spec.optimizations.kv_cache.enabled
+
+
+def quantizes(ctx: RunContext) -> bool:
+    """Whether the run's cache stores keys and values coarser than the model computes them. A
+    cache in the model's own dtype (the reference), or in fp32, holds them exactly: agreement
+    with the reference would repeat kvcache.parity and the round trip would measure a copy, so
+    such a run does not collect those tests. A stage that left no results collects them, and
+    they fail with its error."""
+    res = ctx.results.get("kvcache")
+    reference = res.get("reference") if isinstance(res, dict) else None
+    if reference is None:
+        return True
+    dtype = ctx.spec.optimizations.kv_cache.dtype
+    return dtype not in (reference, "fp32")
 
 
 def several_batches(spec: OptimizationRunSpec) -> bool:
@@ -83,7 +97,9 @@ def _layout(c: dict[str, Any], key: str) -> str:
 @SUITE.test("kvcache.memory-reduction", Category.END_TO_END, applies=enabled)
 def memory_reduction(ctx: RunContext) -> Check:
     """The spec's cache, allocated on the device, takes at most its nominal share of the wider
-    cache's bytes per token (the layout formula's figures reported beside)."""
+    cache's bytes per token (the layout formula's figures reported beside, and the largest batch
+    each fits in the memory budget: a cache's bytes are linear in the batch, so that batch is
+    this ratio inverted, not a measurement of its own)."""
     dtype, wider = _comparison(ctx)
     cap = _results(ctx, "capacity")
     ratio = cap[dtype]["bytes_per_token"] / cap[wider]["bytes_per_token"]
@@ -97,49 +113,18 @@ def memory_reduction(ctx: RunContext) -> Check:
     )
     check.reason += (
         f" ({cap[dtype]['bytes_per_token']:g} vs {cap[wider]['bytes_per_token']:g} bytes per token allocated; "
-        f"layout {_layout(cap[dtype], 'bytes_per_token')} vs {_layout(cap[wider], 'bytes_per_token')})"
+        f"layout {_layout(cap[dtype], 'bytes_per_token')} vs {_layout(cap[wider], 'bytes_per_token')}; "
+        f"in the memory budget at C={_results(ctx, 'capacity_context')}: {cap[dtype]['largest_batch']} vs "
+        f"{cap[wider]['largest_batch']} sequences)"
     )
     return check
 
 
-@SUITE.test("kvcache.batch-capacity", Category.END_TO_END, applies=enabled)
-def batch_capacity(ctx: RunContext) -> Check:
-    """In the same memory budget the spec's cache fits its nominal share more sequences (from
-    one sequence's measured allocation; the layout formula's batch reported beside)."""
-    dtype, wider = _comparison(ctx)
-    cap = _results(ctx, "capacity")
-    ratio = cap[dtype]["largest_batch"] / max(cap[wider]["largest_batch"], 1)
-    nominal = BITS[wider] / BITS[dtype]
-    c = _results(ctx, "capacity_context")
-    check = in_range(
-        ratio,
-        nominal / (1 + SCALE_OVERHEAD),
-        None,
-        what=f"largest batch at C={c} by allocation, {dtype} over {wider} "
-        f"({cap[dtype]['largest_batch']} vs {cap[wider]['largest_batch']})",
-        unit="x",
-    )
-    check.reason += (
-        f" (layout formula: {_layout(cap[dtype], 'largest_batch')} vs {_layout(cap[wider], 'largest_batch')})"
-    )
-    return check
-
-
-@SUITE.test("kvcache.token-agreement", Category.END_TO_END, applies=enabled)
+@SUITE.test("kvcache.token-agreement", Category.END_TO_END, applies=enabled, when=quantizes)
 def token_agreement(ctx: RunContext) -> Check:
-    """Greedy outputs with the spec's cache agree with the full-precision cache's; when the spec's
-    cache is the full-precision one, with decoding without a cache."""
+    """Greedy outputs with the spec's cache agree with the full-precision cache's."""
     dtype = ctx.spec.optimizations.kv_cache.dtype
     reference = _results(ctx, "reference")
-    if dtype == reference:
-        p = _results(ctx, "parity")
-        return in_range(
-            p["match_rate"],
-            AGREEMENT_MIN[dtype],
-            None,
-            what=f"greedy token agreement of the {dtype} cache (the full-precision one) with no cache "
-            f"over {p['tokens']} tokens",
-        )
     a = _results(ctx, "agreement")[dtype]
     check = in_range(
         a["teacher_forced"],
@@ -153,19 +138,18 @@ def token_agreement(ctx: RunContext) -> Check:
     return check
 
 
-@SUITE.test("kvcache.reconstruction-error", Category.STABILITY, applies=enabled)
+@SUITE.test("kvcache.reconstruction-error", Category.STABILITY, applies=enabled, when=quantizes)
 def reconstruction_error(ctx: RunContext) -> Check:
-    """Keys and values read back from the spec's cache are within the code's error bound (the
-    full-precision cache must give them back exactly)."""
+    """Keys and values read back from the spec's cache are within the code's error bound."""
     dtype = ctx.spec.optimizations.kv_cache.dtype
-    reference = _results(ctx, "reference")
     errors = _results(ctx, "reconstruction_error")
     if dtype not in errors:
         return Check(False, reason=f"the kvcache stage measured no reconstruction error for {dtype}")
     e = errors[dtype]
     worst = max(e["key"], e["value"])
-    bound = 0.0 if dtype == reference else ERROR_MAX[dtype]
-    check = in_range(worst, None, bound, what=f"{dtype} relative reconstruction error (worst layer)")
+    check = in_range(
+        worst, None, ERROR_MAX[dtype], what=f"{dtype} relative reconstruction error (worst layer)"
+    )
     check.reason += f" (keys {e['key']:.4g}, values {e['value']:.4g})"
     return check
 
@@ -175,7 +159,18 @@ def throughput_scaling(ctx: RunContext) -> Check:
     """Decode throughput grows with the batch: at least the square root of the batch growth
     (capped at 2x), the least a batched decoder should give over one sequence at a time."""
     dtype = ctx.spec.optimizations.kv_cache.dtype
-    s = _results(ctx, "throughput_scaling")[dtype]
+    s = _results(ctx, "throughput_scaling").get(dtype)
+    if s is None:
+        why = [
+            f"B={c['batch']} C={c['context']}: {c['reason']}"
+            for c in _results(ctx, "skipped")
+            if c.get("dtype") == dtype and "batch" in c
+        ]
+        return Check(
+            False,
+            reason=f"{dtype} decode throughput was measured at fewer than two batch sizes"
+            + (f" ({'; '.join(why[:3])})" if why else ""),
+        )
     growth = s["batch_high"] / s["batch_low"]
     return in_range(
         s["ratio"],

@@ -10,6 +10,8 @@ decoded greedily, so the cache ends full at C. Measured per cell:
   - the largest batch whose cache for C tokens fits the memory budget (cache bytes are linear
     in the batch, so this is computed, not searched by allocation);
 and the ratios of each to the full-precision cache (the model's parameter dtype) at the same cell.
+A cell that runs out of memory is skipped with the reason (all dtypes of it when the reference's
+does): the edge of what the device holds, reported, never a crashed sweep.
 """
 
 from __future__ import annotations
@@ -151,16 +153,19 @@ def run_sweep(
     # One untimed cell first: thread pools, allocator and kernels warm up here, not in cell one.
     fits = [c for c in context_lengths if 2 <= c <= cfg.max_seq_len]
     if fits and order:
-        measure_cell(
-            model,
-            reference,
-            min(batch_sizes),
-            min(fits),
-            new_tokens=new_tokens,
-            prompt_tokens=prompt_tokens,
-            repeats=1,
-            warmup=1,
-        )
+        try:
+            measure_cell(
+                model,
+                reference,
+                min(batch_sizes),
+                min(fits),
+                new_tokens=new_tokens,
+                prompt_tokens=prompt_tokens,
+                repeats=1,
+                warmup=1,
+            )
+        except torch.OutOfMemoryError:  # the cells below say so, one by one
+            _free(device)
     for context in context_lengths:
         if context > cfg.max_seq_len or context < 2:
             skipped.append(
@@ -170,16 +175,30 @@ def run_sweep(
         for batch in batch_sizes:
             ref_row: dict[str, Any] | None = None
             for dtype in order:
-                cell = measure_cell(
-                    model,
-                    dtype,
-                    batch,
-                    context,
-                    new_tokens=new_tokens,
-                    prompt_tokens=prompt_tokens,
-                    repeats=repeats,
-                    warmup=warmup,
-                )
+                try:
+                    cell = measure_cell(
+                        model,
+                        dtype,
+                        batch,
+                        context,
+                        new_tokens=new_tokens,
+                        prompt_tokens=prompt_tokens,
+                        repeats=repeats,
+                        warmup=warmup,
+                    )
+                except torch.OutOfMemoryError as exc:
+                    # The cell does not fit the device: the sweep's edge, reported, not a crash.
+                    # Without the reference cell the others have nothing to be a ratio of.
+                    _free(device)
+                    cell_dtypes = order if dtype == reference else [dtype]
+                    skipped += [
+                        {"dtype": d, "batch": batch, "context": context, "reason": f"out of memory: {exc}"}
+                        for d in cell_dtypes
+                    ]
+                    log.warning("kv sweep %s B=%d C=%d: out of memory, skipped", dtype, batch, context)
+                    if dtype == reference:
+                        break
+                    continue
                 row: dict[str, Any] = {"dtype": dtype, "batch": batch, "context": context, **cell}
                 row["largest_batch"] = largest_batch(cfg, context, dtype, memory_budget_bytes)
                 if ref_row is None:
@@ -211,6 +230,11 @@ def run_sweep(
         "new_tokens": new_tokens,
         "repeats": repeats,
     }
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def allocated_bytes(model_cfg: Any, context: int, dtype: str, device: torch.device | str = "cpu") -> int:

@@ -10,7 +10,8 @@ Recovery: a tripped gate (non-finite loss, vanished or exploded gradients) is an
 batch when it comes round again and halves the learning rate; `skip` drops the batch; `fail`
 stops. An out-of-memory error halves the micro-batch (gradient accumulation keeps the
 effective batch), on every rank of a distributed run when it strikes any of them: an
-out-of-memory back-off, counted as such, not as a recovery. Each recovery
+out-of-memory back-off, counted as such, not as a recovery. One in the optimizer step (its
+state, not the batch) fails the oom gate. Each recovery
 (rollback, skip) counts against `maxRecoveries`; past it the gate fails. The
 recovery bookkeeping (trips, recoveries, skipped steps, learning-rate scale) is never rolled
 back: a rollback undoes training, not the memory of why it happened.
@@ -292,9 +293,7 @@ class Trainer:
             self._handle(trip, step)
             return
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.training.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer_step(step)
         seconds = time.perf_counter() - started
         self.step_times.append(seconds)
         loss = distributed.mean_over_ranks(loss, self.dist, self.device)  # the global batch's loss
@@ -308,6 +307,25 @@ class Trainer:
             tokens=self.seq_len * self.batch_size,
         )
         self._advance(skipped=False)
+
+    def _optimizer_step(self, step: int) -> None:
+        """The optimizer's update. Its memory is the optimizer's state (AdamW's two moments, made
+        at the first step), which no smaller micro-batch shrinks: an out-of-memory error here
+        fails the oom gate with what ran out, and the run reports it (safety.run-gates)."""
+        try:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        except torch.OutOfMemoryError as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._trip(Trip("oom", str(exc)[:200]), step, action="fail")
+            raise SafetyGateFailed(
+                "oom",
+                f"out of memory in the optimizer step at step {step} (the optimizer's state does not fit; "
+                "a smaller micro-batch does not shrink it)",
+            ) from exc
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return autocast(self.device, self.amp_dtype)

@@ -59,13 +59,14 @@ def test_weights_target_returns_a_quantized_copy_and_registers_the_transform(tmp
 
 
 def test_weights_target_passes_its_acceptance_tests(tmp_path):
-    ctx = _ctx(tmp_path, codec="int4", target="weights", maxReconstructionError=0.15, groupSize=32)
+    # int4 in groups of 32 moves each weight of the untrained tiny model by up to ~0.1 and its
+    # logits by 0.163 (errors add up through the layers): a bound of 0.2 holds for both.
+    ctx = _ctx(tmp_path, codec="int4", target="weights", maxReconstructionError=0.2, groupSize=32)
     # As the orchestrator hands it on: the trained float model in, the quantized model judged.
     ctx.trained = ctx.model_factory()
     ctx.model = compression.apply(ctx, ctx.trained)
     checks = _checks(ctx)
     assert set(checks) == {
-        "compression.roundtrip",
         "compression.gate",
         "compression.weights.error_bound",
         "compression.weights.ratio",
@@ -73,6 +74,9 @@ def test_weights_target_passes_its_acceptance_tests(tmp_path):
     }
     failed = {k: c.reason for k, c in checks.items() if not c.passed}
     assert not failed
+    # Measured on the two models' logits, not read back from the gate.
+    error = checks["compression.weights.error_bound"].measured
+    assert isinstance(error, dict) and 0.1 < error["logitError"] <= 0.2
 
 
 def test_a_bound_no_tensor_meets_fails_the_gate_and_its_acceptance_test(tmp_path):
@@ -100,7 +104,6 @@ def test_gradients_target_runs_two_gloo_processes_and_passes_its_acceptance_test
     assert "compression" not in ctx.transforms  # nothing to apply to inference
     checks = _checks(ctx)
     assert set(checks) == {
-        "compression.roundtrip",
         "compression.gate",
         "compression.gradients.bytes_ratio",
         "compression.gradients.loss_parity",

@@ -147,6 +147,31 @@ def test_a_triton_candidate_that_fails_to_compile_is_skipped_with_the_reason() -
     assert sel.times == {}
 
 
+def test_a_candidate_that_runs_out_of_memory_is_skipped_with_the_reason() -> None:
+    """Out of memory in a candidate's first run, or while it is timed (autotuning, repeated
+    launches): that candidate is skipped and says so; selection goes on with the others."""
+    reference = ([torch.ones(4)], (torch.ones(4),))
+    sel = Selection("swiglu", "ffn", "SwiGLU(...)", "eager")
+
+    def never_fits() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    assert _try(sel, "triton", never_fits, reference, None, CPU, 1, 2, None) is None  # type: ignore[arg-type]
+    assert sel.skipped["triton"] == "out of memory: CUDA out of memory. Tried to allocate 3.00 GiB"
+
+    calls = []
+
+    def fits_once() -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory while autotuning")
+        return reference
+
+    assert _try(sel, "liger", fits_once, reference, None, CPU, 1, 2, None) is None
+    assert sel.skipped["liger"] == "out of memory while timing: CUDA out of memory while autotuning"
+    assert sel.times == {}
+
+
 def test_forced_modes_choose_without_measuring() -> None:
     model, run = tiny_and_run()
     sel = select_kernels(model, run, device=CPU, device_name="test-cpu", mode="triton", cache_path=None)

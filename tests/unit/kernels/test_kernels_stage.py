@@ -12,6 +12,7 @@ from optrun.runtime import (
     speedup,  # noqa: F401  (registers the speedup.* acceptance tests)
 )
 from optrun.runtime.acceptance import SUITE
+from optrun.runtime.compression.quantized_linear import quantize_model
 from optrun.runtime.context import RunContext
 from optrun.runtime.kernels import acceptance, optimize
 from optrun.runtime.kernels.modules import TritonRMSNorm
@@ -44,8 +45,16 @@ def test_forced_triton_patches_the_model_and_passes_the_acceptance_checks(make_c
     model = kernels.run(ctx, ctx.model_factory())  # the stage: parity measured around the patching
     assert isinstance(model.norm, TritonRMSNorm)
     assert ctx.results["kernels"]["swapped"]["counts"]["swiglu"] == {"triton": 2}
+    # Judged as the orchestrator hands it on: the quantized copy of the patched model.
+    ctx.model = quantize_model(model, "int8", 0.02)[0]
     detection = acceptance.detection(ctx)
-    assert detection.passed and "forced by mode=triton" in detection.reason
+    assert detection.passed, detection.reason
+    assert "forced by mode=triton" in detection.reason and "all 10 patched modules" in detection.reason
+    # A judged model that lost its kernels (a fresh copy, unpatched) fails it, by module.
+    ctx.model = ctx.model_factory()
+    detection = acceptance.detection(ctx)
+    assert not detection.passed
+    assert "runs eager, selection chose triton (TritonRMSNorm)" in detection.reason
     parity = acceptance.parity(ctx)
     assert parity.passed, parity.reason
     assert 0 <= parity.measured < 1e-4  # fp32: the kernels agree with eager to rounding

@@ -217,6 +217,43 @@ def test_fp16_loss_scale_overflow_is_the_scalers_not_a_rollback(make_trainer: Ma
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_one_overflowing_backward_is_the_scalers_in_fp16_and_a_rollback_in_bf16(
+    make_trainer: MakeTrainer, precision: str
+) -> None:
+    # The first backward of step 1 overflows (its gradients reach inf), the retry's does not.
+    # fp16: an overflow at a loss scale above 1 is the GradScaler's: the step is retried at half
+    # the scale and trains; nothing trips, nothing rolls back. bf16 has no scaler (its range is
+    # fp32's, there is no scale to lower): an inf gradient is the gate's, one trip and one
+    # rollback to the checkpoint of step 0, step 1's batch skipped when it comes round.
+    spec = small_spec(
+        training={"epochs": 1, "stepsPerEpoch": 3},
+        workload={"precision": precision},
+        safety={"nonFiniteLoss": "rollback", "maxRecoveries": 3},
+    )
+    trainer = make_trainer(spec)
+    overflowed: list[int] = []
+
+    def overflow_once(grad: torch.Tensor) -> torch.Tensor:
+        if trainer.step == 1 and not overflowed:
+            overflowed.append(trainer.step)
+            return torch.full_like(grad, float("inf"))
+        return grad
+
+    trainer.model.output.weight.register_hook(overflow_once)
+    trainer.fit()
+    assert overflowed == [1] and trainer.step == 3 and finite(trainer.model)
+    if precision == "fp16":
+        assert trainer.book.trips == {} and trainer.book.recoveries == 0
+        assert trainer.book.scaler_overflows == 1
+        assert [s for s, _ in trainer.losses] == [0, 1, 2]
+    else:
+        assert trainer.book.trips == {"gradient_exploding": 1} and trainer.book.recoveries == 1
+        assert trainer.book.scaler_overflows == 0
+        assert trainer.book.events[0]["rolled_back_to"] == 0
+        assert [s for s, _ in trainer.losses] == [0, 2]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_an_exploding_gradient_still_rolls_back_in_half_precision(
     make_trainer: MakeTrainer, precision: str
 ) -> None:

@@ -195,3 +195,119 @@ def test_out_of_memory_past_every_back_off_is_a_failed_test_in_a_report(
     assert "not measured" in tests["e2e.loss-decreased"]["reason"]
     assert not tests["e2e.training-completed"]["passed"]
     assert doc["decision"] == "NO_GO"
+
+
+# Four steps reach a held-out accuracy of a few percent: the target is 0 unless a case sets it.
+SHORT = {"epochs": 1, "stepsPerEpoch": 4, "evalBatches": 1, "targetAccuracy": 0.0}
+
+
+def test_out_of_memory_in_the_optimizer_step_fails_the_oom_gate_and_the_run_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The third optimizer step of the run (its training's: nothing steps before) cannot allocate.
+    step = torch.optim.AdamW.step
+    calls: list[int] = []
+
+    def limited(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", limited)
+    _result, doc = _run(tmp_path)
+    assert doc["safety"]["failedGate"] == "oom" and doc["safety"]["trips"]["oom"] == 1
+    tests = {t["name"]: t for t in doc["tests"]}
+    gates = tests["safety.run-gates"]
+    assert not gates["passed"] and "out of memory in the optimizer step at step 2" in gates["reason"]
+    assert not tests["stability.no-out-of-memory-backoff"]["passed"]
+    assert doc["decision"] == "NO_GO" and "safety.run-gates" in doc["decisionReason"]
+
+
+def _no_memory_for_kv_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KV cache fits the device: every module that makes one gets an out-of-memory error."""
+    import importlib
+
+    def none_fits(cfg: object, batch: int, max_len: int, *args: object, **kwargs: object) -> object:
+        raise torch.OutOfMemoryError(f"injected: no room for a cache of {batch} x {max_len}")
+
+    for name in ("", ".cache", ".generate", ".sweep"):
+        monkeypatch.setattr(importlib.import_module(f"optrun.runtime.kvcache{name}"), "make_cache", none_fits)
+
+
+def test_out_of_memory_in_the_kv_cache_stage_and_the_speedups_is_a_failed_test_in_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_memory_for_kv_caches(monkeypatch)
+    spec = small_spec(
+        training=SHORT,
+        optimizations={"kvCache": {"enabled": True, "batchSizes": [1, 2], "contextLengths": [32]}},
+        acceptance={"repeats": 2},
+    )
+    result = orchestrator.execute(spec, RunOptions(output_dir=tmp_path))
+    assert result is not None
+    doc = json.loads((tmp_path / "report.json").read_text())
+    stages = doc["details"]["stages"]
+    assert stages["kvcache"]["status"] == stages["speedups"]["status"] == "failed"
+    assert "OutOfMemoryError" in stages["kvcache"]["reason"]
+    tests = {t["name"]: t for t in doc["tests"]}
+    for name in ("kvcache.parity", "speedup.kvcache"):
+        assert not tests[name]["passed"] and "OutOfMemoryError" in tests[name]["reason"], tests[name]
+    assert doc["decision"] == "NO_GO" and "kvcache.parity" in doc["decisionReason"]
+
+
+# -- runs made to break -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sections", "failed", "also"),
+    [
+        pytest.param(
+            # top-k keeping 1 % of each weight, with the gate off: the model is destroyed.
+            {
+                "optimizations": {
+                    "kernels": {"enabled": False},
+                    "compression": {
+                        "enabled": True,
+                        "codec": "topk",
+                        "target": "weights",
+                        "maxReconstructionError": 1.0,
+                    },
+                }
+            },
+            "compression.weights.inference_parity",
+            (),
+            id="destroyed-compression",
+        ),
+        pytest.param(
+            {"training": {**SHORT, "targetAccuracy": 0.99}},
+            "e2e.target-accuracy",
+            (),
+            id="unreachable-target",
+        ),
+        pytest.param(
+            {
+                "faults": [{"type": "nan-loss", "atStep": 1, "persistent": True}],
+                "safety": {"maxRecoveries": 2},
+            },
+            "safety.run-gates",
+            # No step trained: no epoch completed, and /metrics never showed a step.
+            ("e2e.training-completed", "infra.metrics-exported"),
+            id="wrecked-training",
+        ),
+    ],
+)
+def test_a_run_made_to_break_is_not_go_and_names_the_test_that_failed(
+    tmp_path: Path, sections: dict[str, object], failed: str, also: tuple[str, ...]
+) -> None:
+    spec = small_spec(**{"training": SHORT, "acceptance": {"repeats": 2}, **sections})
+    result = orchestrator.execute(spec, RunOptions(output_dir=tmp_path))
+    assert result is not None
+    doc = json.loads((tmp_path / "report.json").read_text())
+    tests = {t["name"]: t for t in doc["tests"]}
+    assert result.decision.value != "GO", result.decision_reason
+    assert doc["decision"] == result.decision.value
+    assert not tests[failed]["passed"] and tests[failed]["critical"]
+    assert failed in result.decision_reason, result.decision_reason
+    critical = {name for name, t in tests.items() if t["critical"] and not t["passed"]}
+    assert critical <= {failed, *also}, {name: tests[name]["reason"] for name in critical}
