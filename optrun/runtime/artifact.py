@@ -70,7 +70,8 @@ def applied(ctx: RunContext) -> list[str]:
     if ctx.spec.optimizations.kv_cache.enabled:
         out.append(
             f"kv-cache: {ctx.spec.optimizations.kv_cache.dtype} (a decoding setting, not stored in the weights: "
-            "generate with optrun.runtime.lm.hf.OptrunCache over a cache of that dtype)"
+            "decode with optrun.runtime.kvcache.generate over a cache of that dtype; a Hugging Face model "
+            "also with transformers' generate and optrun.runtime.lm.hf.OptrunCache)"
         )
     return out
 

@@ -170,16 +170,14 @@ def test_fused_linear_cross_entropy_needs_far_less_memory_than_eager() -> None:
     assert fused < eager / 3, f"fused peak {fused / 2**30:.2f} GiB vs eager {eager / 2**30:.2f} GiB"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_patched_model_on_cuda_matches_unpatched(precision: str) -> None:
-    torch.manual_seed(0)
-    base = build_model("small-lm").to(CUDA)
-    fused = copy.deepcopy(base)
-    report = patch_model(fused, "triton")
-    assert report.counts()["rms_norm"] == {"triton": 17}
+def assert_patched_matches(
+    base: torch.nn.Module, fused: torch.nn.Module, *, vocab: int, precision: str
+) -> None:
+    """The patched model's logits, loss and every gradient against the unpatched one's, on one
+    seeded batch (bf16 under autocast), within the dtype's model tolerance."""
     gen = torch.Generator(device=CUDA).manual_seed(1)
-    x = torch.randint(0, 256, (4, 256), generator=gen, device=CUDA)
-    y = torch.randint(0, 256, (4, 256), generator=gen, device=CUDA)
+    x = torch.randint(0, vocab, (4, 256), generator=gen, device=CUDA)
+    y = torch.randint(0, vocab, (4, 256), generator=gen, device=CUDA)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     results = []
     for model in (base, fused):
@@ -192,8 +190,19 @@ def test_patched_model_on_cuda_matches_unpatched(precision: str) -> None:
     tol = MODEL_TOLERANCE[dtype]
     check(l1, l0, tol, "logits")
     check(s1, s0, tol, "loss")
+    assert g1.keys() == g0.keys()
     for name in g0:
         check(g1[name], g0[name], tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_patched_model_on_cuda_matches_unpatched(precision: str) -> None:
+    torch.manual_seed(0)
+    base = build_model("small-lm").to(CUDA)
+    fused = copy.deepcopy(base)
+    report = patch_model(fused, "triton")
+    assert report.counts()["rms_norm"] == {"triton": 17}
+    assert_patched_matches(base, fused, vocab=256, precision=precision)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -222,24 +231,7 @@ def test_a_hf_llama_patched_on_cuda_matches_unpatched(kind: str, precision: str)
         "cross_entropy": {kind: 1},
         "rope": {kind: 1},
     }
-    gen = torch.Generator(device=CUDA).manual_seed(1)
-    x = torch.randint(0, 2048, (4, 256), generator=gen, device=CUDA)
-    y = torch.randint(0, 2048, (4, 256), generator=gen, device=CUDA)
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    results = []
-    for model in (base, fused):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(x)
-            loss = model.loss(x, y)
-        loss.backward()
-        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
-    (l0, s0, g0), (l1, s1, g1) = results
-    tol = MODEL_TOLERANCE[dtype]
-    check(l1, l0, tol, "logits")
-    check(s1, s0, tol, "loss")
-    assert g1.keys() == g0.keys()
-    for name in g0:
-        check(g1[name], g0[name], tol, f"grad {name}")
+    assert_patched_matches(base, fused, vocab=2048, precision=precision)
 
 
 def test_selection_on_cuda_measures_triton_against_eager(tmp_path) -> None:
