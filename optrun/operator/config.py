@@ -146,6 +146,16 @@ class OperatorConfig(BaseModel):
     api_timeout_seconds: float = Field(
         30.0, gt=0.0, le=600.0, description="Timeout of one API request made by the operator."
     )
+    api_retry_max_seconds: float = Field(
+        30.0,
+        gt=0.0,
+        le=600.0,
+        description=(
+            "The longest wait between two tries of a failed watch or kopf request (1, 1, 2, 3, 5, ... "
+            "seconds up to this). They never give up: an API server away or refusing for minutes "
+            "(an upgrade, an authorizer still warming up) is waited out, as client-go's informers do."
+        ),
+    )
     retry_backoff_seconds: float = Field(
         10.0,
         ge=0.0,

@@ -20,7 +20,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import kopf
@@ -70,6 +70,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # retried, not block a handler for kopf's default 5 minutes.
     settings.networking.request_timeout = cfg.api_timeout_seconds
     settings.networking.connect_timeout = 10
+    # kopf gives up a request after 8 retries (54 s): a watch that escalates a 403 or a 5xx
+    # (an API server restarting, its authorizer still warming up) ends that resource's watcher
+    # for good while the process stays up and healthy, so no pod event reaches a run again.
+    settings.networking.error_backoffs = Backoffs(cfg.api_retry_max_seconds)
 
     # Only the pods the operator made are watched (a server-side label selector): a cluster with
     # 100k other pods costs the operator nothing.
@@ -121,6 +125,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         cfg.peering_mode,
         settings.peering.priority,
     )
+
+
+class Backoffs:
+    """Delays between tries of a failed kopf request, 1, 1, 2, 3, 5, ... seconds up to `cap`, and
+    without end. kopf reads the iterable afresh for each request and gives up only when it runs
+    out; it is not Sized, so kopf's logs count the tries without a total."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __iter__(self) -> Iterator[float]:
+        a, b = 1.0, 1.0
+        while True:
+            yield min(a, self.cap)
+            a, b = b, a + b
 
 
 class SpecMemory(kopf.DiffBaseStorage):

@@ -37,6 +37,8 @@ them with that model, so a renamed field fails the chart's tests, not a cluster.
   value: {{ $op.workers | quote }}
 - name: OPTRUN_OPERATOR_API_TIMEOUT_SECONDS
   value: {{ $op.apiTimeoutSeconds | quote }}
+- name: OPTRUN_OPERATOR_API_RETRY_MAX_SECONDS
+  value: {{ $op.apiRetryMaxSeconds | quote }}
 - name: OPTRUN_OPERATOR_METRICS_PORT
   value: {{ .Values.ports.metrics | quote }}
 - name: OPTRUN_OPERATOR_HEALTH_PORT
