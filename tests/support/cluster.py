@@ -68,6 +68,13 @@ REPO_ROOT = assets_mod.REPO_ROOT
 # Start and stop order. Stopping runs it backwards: the node agent (and its pods) first, etcd last.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent")
 
+# Added to every container's environment by default (a container's own env wins): one OpenMP
+# thread per process. The pods share the host's few cores with the control plane and with each
+# other; torch's default of a thread per core makes concurrent runtime pods spin against each
+# other (four tiny runs on a busy 2-core host: minutes instead of seconds), and a tiny model
+# gains nothing from a second thread (the unit tests run their children the same way).
+POD_ENV = {"OMP_NUM_THREADS": "1"}
+
 # Clusters started in this interpreter and not yet stopped; stopped at exit.
 _live_clusters: set[Cluster] = set()
 _live_lock = threading.Lock()
@@ -611,7 +618,8 @@ class Cluster:
         """Run the node agent (tests/support/nodeagent.py) for `nodes` (NodeSpec list; default
         nodeagent.DEFAULT_NODES) and wait until every node is Ready and schedulable.
 
-        `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say).
+        `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say), over
+        POD_ENV.
         `image_entrypoints` stands in for image ENTRYPOINTs: image repository -> argv, used for
         containers without a `command` (nodeagent.AgentConfig.image_entrypoints).
         """
@@ -630,7 +638,7 @@ class Cluster:
             tls_cert=str(self.pki / "apiserver.crt"),
             tls_key=str(self.pki / "apiserver.key"),
             nodes=[dataclasses.asdict(n) for n in nodes],
-            extra_env=dict(extra_env or {}),
+            extra_env={**POD_ENV, **(extra_env or {})},
             image_entrypoints={k: list(v) for k, v in (image_entrypoints or {}).items()},
         )
         config_path = self.workdir / "node-agent.json"
