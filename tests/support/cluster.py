@@ -68,6 +68,13 @@ REPO_ROOT = assets_mod.REPO_ROOT
 # Start and stop order. Stopping runs it backwards: the node agent (and its pods) first, etcd last.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent")
 
+# Added to every container's environment by default (a container's own env wins): one OpenMP
+# thread per process. The pods share the host's few cores with the control plane and with each
+# other; torch's default of a thread per core makes concurrent runtime pods spin against each
+# other (four tiny runs on a busy 2-core host: minutes instead of seconds), and a tiny model
+# gains nothing from a second thread (the unit tests run their children the same way).
+POD_ENV = {"OMP_NUM_THREADS": "1"}
+
 # Clusters started in this interpreter and not yet stopped; stopped at exit.
 _live_clusters: set[Cluster] = set()
 _live_lock = threading.Lock()
@@ -368,11 +375,17 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 90) -> Cluster:
+    def start(self, timeout: float = 90, *, crds: Sequence[Mapping[str, Any]] = ()) -> Cluster:
         """Start every control-plane component and wait until each is ready.
 
         Ready means: the API server's /readyz, the controller manager's and scheduler's /healthz,
         and the `default` ServiceAccount with its token secret (so pods can be admitted).
+
+        `crds` (CustomResourceDefinition objects) are created, Established and served before the
+        controller manager starts, so its garbage collector watches their kinds from the start:
+        the 1.20 one discovers a kind created later only on its 30 s rediscovery, and dependents
+        it saw before that (a custom resource's pods) wait on an exponential back-off, so they
+        were collected 30-40 s after their owner was deleted.
         """
         if self.processes:
             raise ClusterError("this Cluster is already started")
@@ -384,6 +397,7 @@ class Cluster:
             self._prepare()
             self._start_etcd(deadline)
             self._start_apiserver(deadline)
+            self._create_crds(crds, deadline)
             self._start_controllers(deadline)
         except BaseException:
             self.stop()
@@ -550,6 +564,25 @@ class Cluster:
         api = self.api()
         self._wait_ready(proc, lambda: api.request("GET", "/readyz", timeout=2) == "ok", deadline)
 
+    def _create_crds(self, crds: Sequence[Mapping[str, Any]], deadline: float) -> None:
+        api = self.api()
+        proc = self.processes["kube-apiserver"]
+        for crd in crds:
+            api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", dict(crd))
+            spec = crd["spec"]
+            path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+
+            def served(path: str = path, spec: Mapping[str, Any] = spec) -> bool:
+                conditions = (api.get(path).get("status") or {}).get("conditions") or []
+                if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                    return False
+                # Discovery lists it: what the garbage collector reads when it starts.
+                version = next(v["name"] for v in spec["versions"] if v.get("storage"))
+                listed = api.get(f"/apis/{spec['group']}/{version}").get("resources") or []
+                return any(r["name"] == spec["names"]["plural"] for r in listed)
+
+            self._wait_ready(proc, served, deadline)
+
     def _start_controllers(self, deadline: float) -> None:
         pki = self.pki
         kcm = self._spawn(
@@ -611,7 +644,8 @@ class Cluster:
         """Run the node agent (tests/support/nodeagent.py) for `nodes` (NodeSpec list; default
         nodeagent.DEFAULT_NODES) and wait until every node is Ready and schedulable.
 
-        `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say).
+        `extra_env` is added to every container's environment (TRITON_INTERPRET=1, say), over
+        POD_ENV.
         `image_entrypoints` stands in for image ENTRYPOINTs: image repository -> argv, used for
         containers without a `command` (nodeagent.AgentConfig.image_entrypoints).
         """
@@ -630,7 +664,7 @@ class Cluster:
             tls_cert=str(self.pki / "apiserver.crt"),
             tls_key=str(self.pki / "apiserver.key"),
             nodes=[dataclasses.asdict(n) for n in nodes],
-            extra_env=dict(extra_env or {}),
+            extra_env={**POD_ENV, **(extra_env or {})},
             image_entrypoints={k: list(v) for k, v in (image_entrypoints or {}).items()},
         )
         config_path = self.workdir / "node-agent.json"

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from optrun.api import crd as crd_mod
 from tests.support import assets as assets_mod
 from tests.support import cluster as cluster_mod
 from tests.support import nodeagent
@@ -82,7 +83,9 @@ def cluster(assets: assets_mod.Assets) -> Iterator[cluster_mod.Cluster]:
         return
     started = cluster_mod.Cluster(assets=assets)
     try:
-        started.start()
+        # The OptimizationRun CRD before the controller manager: its garbage collector then
+        # collects a deleted run's pods and ConfigMaps at once (see Cluster.start).
+        started.start(crds=[crd_mod.crd()])
         started.start_node_agent()
         yield started
     finally:

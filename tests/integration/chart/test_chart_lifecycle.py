@@ -214,8 +214,9 @@ def _lifecycle(
         lambda: (
             not _json(kubectl, "get", "pods,configmaps", "-n", ns, "-l", "optrun.io/run=quickstart")["items"]
         ),
-        # The 1.20 garbage collector discovers new resource types (the CRD the chart just
-        # installed) on a 30 s resync, so the first deletion of a run can wait for that.
+        # The 1.20 garbage collector discovers a resource type created after it started on a
+        # 30 s resync: the session's cluster has the CRD from the start (tests/support/fixtures.py),
+        # an attached one may be newer than the CRD the chart just installed.
         timeout=90,
         message="the run's children to be garbage-collected",
     )

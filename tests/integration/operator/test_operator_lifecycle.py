@@ -214,12 +214,13 @@ def test_suspend_stops_the_pod_keeps_the_checkpoint_and_resume_finishes_the_run(
     claim = pvc(kube, namespace)
     runs.create(
         "paused",
-        # Step 12 hangs for 20 s, so the pod is surely training when the suspension's SIGTERM
-        # arrives (a tiny run trains 200 steps in a second or two on a quiet machine, faster than
-        # its progress reaches status); the runtime checkpoints at the end of that step.
+        # From step 6 on each step takes 0.25 s more (7.5 s to the end of training), so the pod
+        # is surely training when the suspension's SIGTERM arrives (a tiny run trains 200 steps in
+        # a second or two on a quiet machine, faster than its progress reaches status); the
+        # runtime checkpoints at the end of its current step, well within its grace period.
         tiny_spec(
-            training={"stepsPerEpoch": 200, "checkpoint": {"everySteps": 5, "claimName": claim}},
-            faults=[{"type": "stall", "atStep": 12, "durationSeconds": 20}],
+            training={"stepsPerEpoch": 36, "checkpoint": {"everySteps": 5, "claimName": claim}},
+            faults=[{"type": "stall", "atStep": 6, "persistent": True, "durationSeconds": 0.25}],
         ),
     )
     wait_for(

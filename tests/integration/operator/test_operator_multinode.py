@@ -20,12 +20,13 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.integration
 
 
-def two_nodes(claim: str, steps: int) -> dict[str, Any]:
+def two_nodes(claim: str, steps: int, **changes: Any) -> dict[str, Any]:
     # gloo on the CPU, one rank per pod: a world of 2 over two pods.
     return tiny_spec(
         distributed={"nodes": 2, "processesPerNode": 1, "timeoutSeconds": 60},
         training={"stepsPerEpoch": steps, "checkpoint": {"everySteps": 5, "keep": 2, "claimName": claim}},
         resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        **changes,
     )
 
 
@@ -81,7 +82,10 @@ def test_one_pod_killed_mid_run_restarts_the_group_from_the_checkpoint(
 ) -> None:
     start_operator(namespace, rendezvous_port=free_port())
     claim = pvc(kube, namespace, access_modes=("ReadWriteMany",))
-    runs.create("group", two_nodes(claim, steps=200))
+    # From step 10 on each step takes 0.15 s more on every rank (6 s to the end of training), so
+    # the group is surely training when pod 1 is killed, and attempt 2 has few steps left.
+    slow_steps = [{"type": "stall", "atStep": 10, "persistent": True, "durationSeconds": 0.15}]
+    runs.create("group", two_nodes(claim, steps=50, faults=slow_steps))
 
     def trained_past_a_checkpoint() -> bool:
         progress = runs.status("group").get("progress") or {}

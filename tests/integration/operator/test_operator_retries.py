@@ -26,9 +26,11 @@ def test_an_evicted_pod_restarts_the_attempt_without_using_up_the_backoff_limit(
     start_operator: Any, runs: Runs, cluster: Any, namespace: str
 ) -> None:
     start_operator(namespace)
-    # backoffLimit 0: a single counted failure would fail the run. Step 12 stalls, so the pod is
-    # surely training when it is evicted.
-    spec = tiny_spec(backoffLimit=0, faults=[{"type": "stall", "atStep": 12, "durationSeconds": 8}])
+    # backoffLimit 0: a single counted failure would fail the run. From step 6 on each step takes
+    # 0.3 s more (7 s to the end of training), so the pod is surely training when it is evicted,
+    # and it checkpoints and leaves at the end of its current step.
+    slow_steps = [{"type": "stall", "atStep": 6, "persistent": True, "durationSeconds": 0.3}]
+    spec = tiny_spec(backoffLimit=0, faults=slow_steps)
     spec["training"]["stepsPerEpoch"] = 30
     runs.create("drained", spec)
     wait_for(
@@ -132,10 +134,13 @@ def test_a_pod_whose_metrics_cannot_be_reached_is_not_killed_as_hung(
         runtime_metrics_port=free_port(),
         runtime_startup_seconds=3,
     )
-    # Healthy but slow: 60 s of stalls, none as long as hangTimeoutSeconds (45 s, which no stage of
-    # the runtime reaches on a busy 2-core machine either: some take 15 s without a step).
-    stalls = [{"type": "stall", "atStep": s, "durationSeconds": 12} for s in (3, 6, 9, 12, 15)]
-    runs.create("unobserved", tiny_spec(safety={"hangTimeoutSeconds": 45}, faults=stalls, backoffLimit=0))
+    # Healthy but slow: every step from step 2 on takes 1.5 s more, 27 s in all, longer than
+    # hangTimeoutSeconds (24 s) with progress every 1.5 s, so the runtime's own watchdog never
+    # sees a hang (on a busy 2-core machine a stage can go 15 s without progress; 24 s is above).
+    hang_timeout = 24
+    slow_steps = [{"type": "stall", "atStep": 2, "persistent": True, "durationSeconds": 1.5}]
+    spec = tiny_spec(safety={"hangTimeoutSeconds": hang_timeout}, faults=slow_steps, backoffLimit=0)
+    runs.create("unobserved", spec)
 
     def unreachable() -> dict[str, Any] | None:
         c = condition(runs, "unobserved", "MetricsAvailable")
@@ -150,6 +155,13 @@ def test_a_pod_whose_metrics_cannot_be_reached_is_not_killed_as_hung(
     # operator ended it as hung; now it finishes, judged.
     assert status["phase"] == "Succeeded", status["message"]
     assert status["attempts"] == 1 and status["decision"] in ("GO", "CONDITIONAL_GO", "NO_GO")
+    # It really was unobserved for longer than the hang gate allows (past a scrape interval).
+    (pod,) = runs.pods("unobserved")
+    ran = pod.status.container_statuses[0].state.terminated
+    lived = (ran.finished_at - ran.started_at).total_seconds()
+    assert lived > hang_timeout + 2, (
+        f"the runtime ran {lived:.0f}s, not past hangTimeoutSeconds {hang_timeout}"
+    )
     runs.wait_events("unobserved", "MetricsUnreachable")
 
 
