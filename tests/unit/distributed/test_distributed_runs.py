@@ -188,12 +188,19 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_pa
     stall = [{"type": "stall", "atStep": 3, "durationSeconds": 600, "rank": 1}]
     path = manifest(tmp_path, "hang", ranks=2, timeout=10, faults=stall, backoffLimit=0)
     started = time.monotonic()
-    run(path, tmp_path / "out", expect_crash=True)
-    # torchrun's start-up, rank 0's 10 s wait in the gradient all-reduce, the group torn down:
-    # far below the 600 s the stalled rank would have held the others.
+    # The stalled rank cannot checkpoint when torchrun's SIGTERM comes: it ends when its grace
+    # (OPTRUN_TERM_GRACE, 20 s by default) runs out, which is no part of the bound tested here.
+    run(path, tmp_path / "out", expect_crash=True, env={"OPTRUN_TERM_GRACE": "1"})
+    # torchrun's start-up, rank 0's 10 s wait in the gradient all-reduce (10 s: the smallest
+    # timeoutSeconds allowed), the group torn down: far below the 600 s the stalled rank would
+    # have held the others.
     assert time.monotonic() - started < 120
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "out" / "ranks").rglob("stderr.log")}
-    assert "attempt 1 of training failed" in logs["0"] and "Timed out" in logs["0"], logs["0"][-3000:]
+    # Both ranks reached step 3 (no collective timed out before the stall)...
+    assert "injecting a stall of 600.0s at step 3" in logs["1"], logs["1"][-3000:]
+    # ...and rank 0 gave up on rank 1 after the 10 s timeout.
+    failed = "attempt 1 of training failed" in logs["0"]
+    assert failed and "Timed out waiting 10000ms" in logs["0"], logs["0"][-3000:]
 
 
 def test_a_rank_that_crashes_alone_ends_the_attempt_at_once_and_its_fault_is_not_replayed(
