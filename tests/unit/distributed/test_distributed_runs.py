@@ -12,7 +12,10 @@ one-process run of the same global batch.
   under FSDP; at the same world size a resumed run ends bitwise where an uninterrupted one ends.
 
 The runs are tiny (a few steps of the built-in model, every optional stage off) so that a test
-costs seconds of training plus torchrun's start-up.
+costs seconds of training plus torchrun's start-up. Start-up is most of it (the interpreter and
+torch in the launcher and in every rank), so a run that several tests judge is one module-scoped
+fixture: the 2-rank runs beside the one-process run, and the rank that crashes alone, whose
+resumed run is also the one compared bitwise.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -52,17 +56,62 @@ def close(a: list[float], b: list[float], rtol: float = LOSS_RTOL) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b, strict=True))
 
 
+def resumed_at(out: Path) -> list[int]:
+    """The steps every run into `out` resumed from, in order (metrics.jsonl is appended to)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r.get("event") == "resume"]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     tmp = tmp_path_factory.mktemp("one")
     return run(manifest(tmp, "one", ranks=1), tmp / "out"), tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[dict[str, Any], Path]]:
+    """The uninterrupted 2-rank run of a strategy (the one-process manifest over 2 ranks), run once
+    for every test that reads it."""
+    runs: dict[str, tuple[dict[str, Any], Path]] = {}
+
+    def get(strategy: str) -> tuple[dict[str, Any], Path]:
+        if strategy not in runs:
+            tmp = tmp_path_factory.mktemp(f"two-{strategy}")
+            runs[strategy] = run(manifest(tmp, "two", ranks=2, strategy=strategy), tmp / "out"), tmp / "out"
+        return runs[strategy]
+
+    return get
+
+
+class CrashedAlone(NamedTuple):
+    seconds: float  # the crashed attempt, from `optrun run` to its exit
+    first: dict[str, str]  # every rank's log of the crashed attempt, by rank
+    report: dict[str, Any]  # of the same command run again
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def crashed_alone(tmp_path_factory: pytest.TempPathFactory) -> CrashedAlone:
+    """2 ranks under DDP; rank 1 alone raises at step 10 (checkpoint 8 is the newest), then the same
+    command again."""
+    tmp = tmp_path_factory.mktemp("crash")
+    crash = [{"type": "exception", "atStep": 10, "rank": 1}]
+    path = manifest(tmp, "crash", ranks=2, timeout=300, faults=crash, backoffLimit=0)
+    out = tmp / "out"
+    started = time.monotonic()
+    run(path, out, expect_crash=True)
+    seconds = time.monotonic() - started
+    first = {p.parent.name: p.read_text() for p in (out / "ranks").rglob("stderr.log")}
+    return CrashedAlone(seconds, first, run(path, out), out)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_end_where_one_process_ends(
-    one_process: tuple[dict[str, Any], Path], tmp_path: Path, strategy: str
+    one_process: tuple[dict[str, Any], Path],
+    two_ranks: Callable[[str], tuple[dict[str, Any], Path]],
+    strategy: str,
 ) -> None:
-    report = run(manifest(tmp_path, "two", ranks=2, strategy=strategy), tmp_path / "out")
+    report, out = two_ranks(strategy)
     assert report["distributed"] == {
         "worldSize": 2,
         "nodes": 1,
@@ -70,7 +119,7 @@ def test_two_ranks_end_where_one_process_ends(
         "strategy": strategy,
         "backend": "gloo",
     }
-    evals, losses = curves(report, tmp_path / "out")
+    evals, losses = curves(report, out)
     ref_evals, ref_losses = curves(*one_process)
     assert len(losses) == 16 and len(evals) >= 8  # every step logged, every evaluation kept
     assert close(evals, ref_evals), (evals, ref_evals)
@@ -80,7 +129,7 @@ def test_two_ranks_end_where_one_process_ends(
     if strategy == "ddp":
         assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # the replicas stayed identical
     # Every rank logged; only rank 0 wrote the report.
-    logs = list((tmp_path / "out" / "ranks").rglob("stderr.log"))
+    logs = list((out / "ranks").rglob("stderr.log"))
     assert len(logs) == 2 and all("rank " in log.read_text() for log in logs)
 
 
@@ -161,19 +210,15 @@ def test_a_checkpoint_resumes_with_another_world_size(
 
 
 def test_at_the_same_world_size_a_resumed_run_ends_bitwise_where_an_uninterrupted_one_ends(
-    tmp_path: Path,
+    two_ranks: Callable[[str], tuple[dict[str, Any], Path]], crashed_alone: CrashedAlone
 ) -> None:
-    straight = tmp_path / "straight"
-    run(manifest(tmp_path, "straight", ranks=2), straight)
-    resumed = tmp_path / "resumed"
-    crash = [{"type": "exception", "atStep": 10}]
-    run(manifest(tmp_path, "resumed", ranks=2, faults=crash, backoffLimit=0), resumed, expect_crash=True)
-    run(manifest(tmp_path, "resumed", ranks=2, faults=crash, backoffLimit=0), resumed)
+    # The resumed run: 2 ranks crashed at step 10 (rank 1 raised) and the same 2 ranks resumed.
+    assert resumed_at(crashed_alone.out) == [8]
     from optrun.runtime.model import build_model
     from optrun.runtime.training.checkpoint import CheckpointStore
 
     weights = []
-    for out in (straight, resumed):
+    for out in (two_ranks("ddp")[1], crashed_alone.out):
         store = CheckpointStore(out / "checkpoints", keep=3)
         found = store.latest()
         assert found is not None and found.step == 16
@@ -204,22 +249,16 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_pa
 
 
 def test_a_rank_that_crashes_alone_ends_the_attempt_at_once_and_its_fault_is_not_replayed(
-    tmp_path: Path,
+    crashed_alone: CrashedAlone,
 ) -> None:
-    crash = [{"type": "exception", "atStep": 10, "rank": 1}]
-    path = manifest(tmp_path, "crash", ranks=2, timeout=300, faults=crash, backoffLimit=0)
-    out = tmp_path / "out"
-    started = time.monotonic()
-    run(path, out, expect_crash=True)
     # Rank 1 records the fault in the checkpoint and exits; torchrun ends rank 0 with it. Had
     # rank 1 waited alone in a collective, both would have waited out the 300 s timeout.
-    assert time.monotonic() - started < 120
-    first = {p.parent.name: p.read_text() for p in (out / "ranks").rglob("stderr.log")}
+    assert crashed_alone.seconds < 120
+    first = crashed_alone.first
     assert "attempt 1 of training failed: injected exception at step 10" in first["1"], first["1"][-3000:]
     # The next run resumes from step 8 and replays step 10 without the fault: it was recorded.
-    report = run(path, out)
-    assert report["training"]["steps"] == 16
-    rank1 = [p.read_text() for p in (out / "ranks").rglob("1/stderr.log")]
+    assert crashed_alone.report["training"]["steps"] == 16
+    rank1 = [p.read_text() for p in (crashed_alone.out / "ranks").rglob("1/stderr.log")]
     assert len(rank1) == 2 and sum(log.count("injecting fault exception") for log in rank1) == 1
 
 
