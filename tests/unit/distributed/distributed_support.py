@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 EXIT_FOR = {"GO": 0, "CONDITIONAL_GO": 3, "NO_GO": 4}
+EXIT_CRASH = 1  # a run that started and crashed (2 is a manifest refused before anything ran)
 
 
 def manifest(
@@ -51,10 +52,18 @@ def manifest(
     return path
 
 
-def run(path: Path, out: Path, *, expect_crash: bool = False, device: str | None = None) -> dict[str, Any]:
+def run(
+    path: Path,
+    out: Path,
+    *,
+    expect_crash: bool = False,
+    device: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """`optrun run` of the manifest, as a user runs it: the report when it ended in a decision
-    (its exit code the decision's), nothing when it was expected to crash."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (its exit code the decision's), nothing when it was expected to crash (and did: exit 1).
+    `env`: variables added to the child's environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "optrun.cli", "run", str(path), "--output", str(out), "--quiet"]
         + (["--device", device] if device else []),
@@ -64,7 +73,7 @@ def run(path: Path, out: Path, *, expect_crash: bool = False, device: str | None
         env=env,
     )
     if expect_crash:
-        assert done.returncode not in EXIT_FOR.values(), done.stderr[-2000:]
+        assert done.returncode == EXIT_CRASH, (done.returncode, done.stderr[-2000:])
         return {}
     assert done.returncode in EXIT_FOR.values(), (done.stdout[-1500:], done.stderr[-3000:])
     report = json.loads((out / "report.json").read_text())

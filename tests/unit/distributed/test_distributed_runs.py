@@ -12,7 +12,10 @@ one-process run of the same global batch.
   under FSDP; at the same world size a resumed run ends bitwise where an uninterrupted one ends.
 
 The runs are tiny (a few steps of the built-in model, every optional stage off) so that a test
-costs seconds of training plus torchrun's start-up.
+costs seconds of training plus torchrun's start-up. Start-up is most of it (the interpreter and
+torch in the launcher and in every rank), so a run that several tests judge is one module-scoped
+fixture: the 2-rank runs beside the one-process run, and the rank that crashes alone, whose
+resumed run is also the one compared bitwise.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -52,17 +56,62 @@ def close(a: list[float], b: list[float], rtol: float = LOSS_RTOL) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b, strict=True))
 
 
+def resumed_at(out: Path) -> list[int]:
+    """The steps every run into `out` resumed from, in order (metrics.jsonl is appended to)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r.get("event") == "resume"]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     tmp = tmp_path_factory.mktemp("one")
     return run(manifest(tmp, "one", ranks=1), tmp / "out"), tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[dict[str, Any], Path]]:
+    """The uninterrupted 2-rank run of a strategy (the one-process manifest over 2 ranks), run once
+    for every test that reads it."""
+    runs: dict[str, tuple[dict[str, Any], Path]] = {}
+
+    def get(strategy: str) -> tuple[dict[str, Any], Path]:
+        if strategy not in runs:
+            tmp = tmp_path_factory.mktemp(f"two-{strategy}")
+            runs[strategy] = run(manifest(tmp, "two", ranks=2, strategy=strategy), tmp / "out"), tmp / "out"
+        return runs[strategy]
+
+    return get
+
+
+class CrashedAlone(NamedTuple):
+    seconds: float  # the crashed attempt, from `optrun run` to its exit
+    first: dict[str, str]  # every rank's log of the crashed attempt, by rank
+    report: dict[str, Any]  # of the same command run again
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def crashed_alone(tmp_path_factory: pytest.TempPathFactory) -> CrashedAlone:
+    """2 ranks under DDP; rank 1 alone raises at step 10 (checkpoint 8 is the newest), then the same
+    command again."""
+    tmp = tmp_path_factory.mktemp("crash")
+    crash = [{"type": "exception", "atStep": 10, "rank": 1}]
+    path = manifest(tmp, "crash", ranks=2, timeout=300, faults=crash, backoffLimit=0)
+    out = tmp / "out"
+    started = time.monotonic()
+    run(path, out, expect_crash=True)
+    seconds = time.monotonic() - started
+    first = {p.parent.name: p.read_text() for p in (out / "ranks").rglob("stderr.log")}
+    return CrashedAlone(seconds, first, run(path, out), out)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_end_where_one_process_ends(
-    one_process: tuple[dict[str, Any], Path], tmp_path: Path, strategy: str
+    one_process: tuple[dict[str, Any], Path],
+    two_ranks: Callable[[str], tuple[dict[str, Any], Path]],
+    strategy: str,
 ) -> None:
-    report = run(manifest(tmp_path, "two", ranks=2, strategy=strategy), tmp_path / "out")
+    report, out = two_ranks(strategy)
     assert report["distributed"] == {
         "worldSize": 2,
         "nodes": 1,
@@ -70,7 +119,7 @@ def test_two_ranks_end_where_one_process_ends(
         "strategy": strategy,
         "backend": "gloo",
     }
-    evals, losses = curves(report, tmp_path / "out")
+    evals, losses = curves(report, out)
     ref_evals, ref_losses = curves(*one_process)
     assert len(losses) == 16 and len(evals) >= 8  # every step logged, every evaluation kept
     assert close(evals, ref_evals), (evals, ref_evals)
@@ -80,7 +129,7 @@ def test_two_ranks_end_where_one_process_ends(
     if strategy == "ddp":
         assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]  # the replicas stayed identical
     # Every rank logged; only rank 0 wrote the report.
-    logs = list((tmp_path / "out" / "ranks").rglob("stderr.log"))
+    logs = list((out / "ranks").rglob("stderr.log"))
     assert len(logs) == 2 and all("rank " in log.read_text() for log in logs)
 
 
@@ -141,39 +190,46 @@ def test_gradient_compression_runs_in_the_distributed_training_itself(
 
 
 @pytest.mark.parametrize(
-    ("strategy", "first", "second"), [("ddp", 2, 1), ("ddp", 1, 2), ("fsdp", 2, 1), ("fsdp", 1, 2)]
+    "strategy", [pytest.param("ddp", id="ddp-2-1-2"), pytest.param("fsdp", id="fsdp-2-1-2")]
 )
 def test_a_checkpoint_resumes_with_another_world_size(
-    one_process: tuple[dict[str, Any], Path], tmp_path: Path, strategy: str, first: int, second: int
+    one_process: tuple[dict[str, Any], Path], tmp_path: Path, strategy: str
 ) -> None:
+    # One output directory, three runs: 2 ranks crash at step 10, 1 process resumes from their
+    # checkpoint 8 (2 -> 1) and crashes at step 14, 2 ranks resume from its checkpoint 12 (1 -> 2).
     # Under FSDP the 2 ranks write (2 -> 1) or read (1 -> 2) the tensors as shards of half the rows.
-    crash = [{"type": "exception", "atStep": 10}]
+    # Every evaluation after a resume is that world size's: the curve holds both directions.
+    crashes = [{"type": "exception", "atStep": 10}, {"type": "exception", "atStep": 14}]
     out = tmp_path / "out"
-    first_run = manifest(tmp_path, "resume", ranks=first, strategy=strategy, faults=crash, backoffLimit=0)
-    run(first_run, out, expect_crash=True)
+
+    def launch(ranks: int, **kw: Any) -> dict[str, Any]:
+        path = manifest(tmp_path, "resume", ranks=ranks, strategy=strategy, faults=crashes, backoffLimit=0)
+        return run(path, out, **kw)
+
+    launch(2, expect_crash=True)
     assert (out / "checkpoints" / "step-000000008").is_dir()
-    second_run = manifest(tmp_path, "resume", ranks=second, strategy=strategy, faults=crash, backoffLimit=0)
-    report = run(second_run, out)
+    assert not (out / "checkpoints" / "step-000000012").exists()
+    launch(1, expect_crash=True)
+    assert (out / "checkpoints" / "step-000000012").is_dir()
+    report = launch(2)
+    assert resumed_at(out) == [8, 12]
     assert report["training"]["steps"] == 16
+    assert report["distributed"]["worldSize"] == 2
     evals, _ = curves(report, out)
     ref_evals, _ = curves(*one_process)
     assert close(evals, ref_evals), (evals, ref_evals)
 
 
 def test_at_the_same_world_size_a_resumed_run_ends_bitwise_where_an_uninterrupted_one_ends(
-    tmp_path: Path,
+    two_ranks: Callable[[str], tuple[dict[str, Any], Path]], crashed_alone: CrashedAlone
 ) -> None:
-    straight = tmp_path / "straight"
-    run(manifest(tmp_path, "straight", ranks=2), straight)
-    resumed = tmp_path / "resumed"
-    crash = [{"type": "exception", "atStep": 10}]
-    run(manifest(tmp_path, "resumed", ranks=2, faults=crash, backoffLimit=0), resumed, expect_crash=True)
-    run(manifest(tmp_path, "resumed", ranks=2, faults=crash, backoffLimit=0), resumed)
+    # The resumed run: 2 ranks crashed at step 10 (rank 1 raised) and the same 2 ranks resumed.
+    assert resumed_at(crashed_alone.out) == [8]
     from optrun.runtime.model import build_model
     from optrun.runtime.training.checkpoint import CheckpointStore
 
     weights = []
-    for out in (straight, resumed):
+    for out in (two_ranks("ddp")[1], crashed_alone.out):
         store = CheckpointStore(out / "checkpoints", keep=3)
         found = store.latest()
         assert found is not None and found.step == 16
@@ -188,31 +244,32 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_collective_timeout(tmp_pa
     stall = [{"type": "stall", "atStep": 3, "durationSeconds": 600, "rank": 1}]
     path = manifest(tmp_path, "hang", ranks=2, timeout=10, faults=stall, backoffLimit=0)
     started = time.monotonic()
-    run(path, tmp_path / "out", expect_crash=True)
-    # torchrun's start-up, rank 0's 10 s wait in the gradient all-reduce, the group torn down:
-    # far below the 600 s the stalled rank would have held the others.
+    # The stalled rank cannot checkpoint when torchrun's SIGTERM comes: it ends when its grace
+    # (OPTRUN_TERM_GRACE, 20 s by default) runs out, which is no part of the bound tested here.
+    run(path, tmp_path / "out", expect_crash=True, env={"OPTRUN_TERM_GRACE": "1"})
+    # torchrun's start-up, rank 0's 10 s wait in the gradient all-reduce (10 s: the smallest
+    # timeoutSeconds allowed), the group torn down: far below the 600 s the stalled rank would
+    # have held the others.
     assert time.monotonic() - started < 120
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "out" / "ranks").rglob("stderr.log")}
-    assert "attempt 1 of training failed" in logs["0"] and "Timed out" in logs["0"], logs["0"][-3000:]
+    # Both ranks reached step 3 (no collective timed out before the stall)...
+    assert "injecting a stall of 600.0s at step 3" in logs["1"], logs["1"][-3000:]
+    # ...and rank 0 gave up on rank 1 after the 10 s timeout.
+    failed = "attempt 1 of training failed" in logs["0"]
+    assert failed and "Timed out waiting 10000ms" in logs["0"], logs["0"][-3000:]
 
 
 def test_a_rank_that_crashes_alone_ends_the_attempt_at_once_and_its_fault_is_not_replayed(
-    tmp_path: Path,
+    crashed_alone: CrashedAlone,
 ) -> None:
-    crash = [{"type": "exception", "atStep": 10, "rank": 1}]
-    path = manifest(tmp_path, "crash", ranks=2, timeout=300, faults=crash, backoffLimit=0)
-    out = tmp_path / "out"
-    started = time.monotonic()
-    run(path, out, expect_crash=True)
     # Rank 1 records the fault in the checkpoint and exits; torchrun ends rank 0 with it. Had
     # rank 1 waited alone in a collective, both would have waited out the 300 s timeout.
-    assert time.monotonic() - started < 120
-    first = {p.parent.name: p.read_text() for p in (out / "ranks").rglob("stderr.log")}
+    assert crashed_alone.seconds < 120
+    first = crashed_alone.first
     assert "attempt 1 of training failed: injected exception at step 10" in first["1"], first["1"][-3000:]
     # The next run resumes from step 8 and replays step 10 without the fault: it was recorded.
-    report = run(path, out)
-    assert report["training"]["steps"] == 16
-    rank1 = [p.read_text() for p in (out / "ranks").rglob("1/stderr.log")]
+    assert crashed_alone.report["training"]["steps"] == 16
+    rank1 = [p.read_text() for p in (crashed_alone.out / "ranks").rglob("1/stderr.log")]
     assert len(rank1) == 2 and sum(log.count("injecting fault exception") for log in rank1) == 1
 
 

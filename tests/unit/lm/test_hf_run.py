@@ -4,7 +4,9 @@ the lineage order, the run ends with a decision, and the artifact loads with
 `AutoModelForCausalLM.from_pretrained` and gives the held-out loss the report names.
 
 The manifest is small (a few steps per stage) so that three families fit in CI; the full
-example is examples/hf-local.yaml.
+example is examples/hf-local.yaml. Every run here is a child on one thread (OMP_NUM_THREADS=1)
+that pytest only waits for: the module starts them all at once, as many side by side as there
+are cores, and each test judges its own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from optrun.api.result import Result
 from optrun.api.v1alpha1 import DatasetSource
 from optrun.runtime.data import Corpus
 from optrun.runtime.lm import evaluate, hf
+from optrun.runtime.lm.example import FAMILIES
 from optrun.runtime.metrics import PIPELINE
 
 EXIT_FOR = {"GO": 0, "CONDITIONAL_GO": 3, "NO_GO": 4}
@@ -50,12 +55,12 @@ spec:
 """
 
 
-def run(manifest_text: str, tmp_path: Path) -> tuple[Result, Path]:
+def run(manifest_text: str, tmp_path: Path, env: dict[str, str]) -> tuple[Result, Path]:
     """`optrun run` on the manifest in a child process; its result and output directory."""
     manifest = tmp_path / "run.yaml"
     manifest.write_text(manifest_text)
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPTRUN_CACHE": str(tmp_path / "cache")}
+    env = {**env, "OMP_NUM_THREADS": "1", "OPTRUN_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(
         [sys.executable, "-m", "optrun.cli", "run", str(manifest), "--output", str(out), "--quiet"],
         capture_output=True,
@@ -69,6 +74,33 @@ def run(manifest_text: str, tmp_path: Path) -> tuple[Result, Path]:
     return result, out
 
 
+def stages_off(manifest_text: str) -> str:
+    """The manifest with RLVR and the KV-cache sweep off."""
+    manifest_text = manifest_text.replace("rlvr: {enabled: true", "rlvr: {enabled: false")
+    return manifest_text.replace("kvCache: {enabled: true", "kvCache: {enabled: false")
+
+
+@pytest.fixture(scope="module")
+def runs(
+    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], tuple[Result, Path]]]:
+    """Every run of this module, started at once (a family's by its name, "stages-off" on Qwen2);
+    the function waits for one and gives its result and output directory, or raises its failure."""
+    manifests = {family: MANIFEST.format(model=hf_dirs[family], data=jsonl_dataset) for family in FAMILIES}
+    manifests["stages-off"] = stages_off(manifests["qwen2"])
+    # Built here, not in the worker threads: the tests' monkeypatch edits os.environ meanwhile.
+    # TRITON_INTERPRET as the autouse fixture of conftest.py sets it for the tests themselves.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(manifests), len(os.sched_getaffinity(0)))))
+    futures = {
+        name: pool.submit(run, text, tmp_path_factory.mktemp(name), env) for name, text in manifests.items()
+    }
+    try:
+        yield lambda name: futures[name].result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # a run no selected test waits for is not started
+
+
 def section(md: str, title: str) -> str:
     assert f"\n## {title}\n" in md, f"report.md has no section {title!r}"
     return md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
@@ -77,9 +109,9 @@ def section(md: str, title: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact(
-    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path: Path, family: str
+    runs: Callable[[str], tuple[Result, Path]], jsonl_dataset: Path, family: str
 ) -> None:
-    result, out = run(MANIFEST.format(model=hf_dirs[family], data=jsonl_dataset), tmp_path)
+    result, out = runs(family)
     details = result.details
 
     # Every stage ran (none skipped, none crashed), in the lineage order.
@@ -150,12 +182,9 @@ def test_a_users_hf_model_goes_through_every_stage_to_a_decision_and_an_artifact
 
 @pytest.mark.slow
 def test_a_stage_that_is_off_is_skipped_with_its_reason_and_is_not_on_the_lineage(
-    hf_dirs: dict[str, Path], jsonl_dataset: Path, tmp_path: Path
+    runs: Callable[[str], tuple[Result, Path]],
 ) -> None:
-    manifest = MANIFEST.format(model=hf_dirs["qwen2"], data=jsonl_dataset)
-    manifest = manifest.replace("rlvr: {enabled: true", "rlvr: {enabled: false")
-    manifest = manifest.replace("kvCache: {enabled: true", "kvCache: {enabled: false")
-    result, out = run(manifest, tmp_path)
+    result, out = runs("stages-off")
     stages = result.details["stages"]
     assert stages["rlvr"] == {"status": "skipped", "reason": "spec.rlvr.enabled is false"}
     assert stages["kvcache"] == {"status": "skipped", "reason": "spec.optimizations.kvCache.enabled is false"}
