@@ -151,9 +151,10 @@ class OperatorConfig(BaseModel):
         gt=0.0,
         le=600.0,
         description=(
-            "The longest wait between two tries of a failed watch or kopf request (1, 1, 2, 3, 5, ... "
-            "seconds up to this). They never give up: an API server away or refusing for minutes "
-            "(an upgrade, an authorizer still warming up) is waited out, as client-go's informers do."
+            "The longest wait between two tries of a failed API request: watches and kopf's requests are "
+            "tried again 1, 1, 2, 3, 5, ... seconds apart up to this and never given up, so an API server "
+            "away or refusing for minutes (an upgrade, an authorizer still warming up) is waited out, as "
+            "client-go's informers do; the operator's own writes refused (403) are tried again this often."
         ),
     )
     retry_backoff_seconds: float = Field(

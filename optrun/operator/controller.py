@@ -30,8 +30,8 @@ has seen, which includes its own last write (the patch's response). A preconditi
 turn each write that follows one of kopf's own annotation patches into a 409, a GET and a second
 write (measured: 4 in 10 status writes when 200 runs are created at once), for no safety gained.
 API errors propagate as `Retry` (the server's Retry-After, else 5 s for no answer, 429 and 5xx;
-30 s for a refusal), which the run handlers turn into a kopf.TemporaryError: kopf retries the
-handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
+apiRetryMaxSeconds, 30 s, for a refusal), which the run handlers turn into a
+kopf.TemporaryError: kopf retries the handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
 pod event that fails is queued again here (`retry_later`), with the same delays (`bug_delay` for
 anything but an API error): no swallowed error leaves a run without a next look.
 """
@@ -344,7 +344,7 @@ class Controller:
                 # less often, and loudly: the run waits, the operator keeps trying.
                 if not err.transient:
                     log.warning("%s/%s: %s", meta.get("namespace"), meta.get("name"), err)
-                raise Retry(str(err), delay=_delay(err)) from None
+                raise Retry(str(err), delay=_delay(err, self.cfg.api_retry_max_seconds)) from None
             finally:
                 metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
 
@@ -518,7 +518,7 @@ class Controller:
             except ApiError as err:
                 log.log(logging.INFO if err.transient else logging.WARNING,
                         "%s/%s: status not written: %s", meta["namespace"], meta["name"], err)  # fmt: skip
-                self.status_writes.mark(uid, _delay(err))
+                self.status_writes.mark(uid, _delay(err, self.cfg.api_retry_max_seconds))
 
     def flush(self) -> None:
         """Write every staged status now (the operator is stopping)."""
@@ -569,12 +569,12 @@ def event_body(run_meta: Mapping[str, Any], event: Event, instance: str, when: d
     }
 
 
-def _delay(err: ApiError) -> float:
+def _delay(err: ApiError, longest: float) -> float:
     """When to try again after an API error: the server's Retry-After, else soon for no answer,
-    throttling or a server error, less often for a refusal."""
+    throttling or a server error, less often for a refusal (`longest`: apiRetryMaxSeconds)."""
     if err.retry_after is not None:
         return max(0.5, err.retry_after)
-    return 5.0 if err.transient else 30.0
+    return min(5.0, longest) if err.transient else longest
 
 
 def _labels(body: Mapping[str, Any]) -> Mapping[str, str]:

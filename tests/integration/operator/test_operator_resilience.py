@@ -81,8 +81,8 @@ def refused_tries(operator: Any, resource: str) -> int:
 def test_api_server_restarted_and_refusing_past_kopfs_retries_the_operator_waits_it_out_and_the_run_finishes(
     start_operator: Any, runs: Runs, cluster: Any, kube: Any, namespace: str
 ) -> None:
-    # At most 1 s between two tries of a failed watch: kopf's default gives a request up after 8
-    # retries (54 s), here spent in under 10 s.
+    # At most 1 s between two tries of a failed request: kopf's default gives a request up after 8
+    # retries (54 s), here spent in under 10 s; a refused status write is tried again after 1 s.
     operator = start_operator(namespace, api_retry_max_seconds=1)
     runs.create("through-restart")
     runs.wait_phase("through-restart", "Running")
