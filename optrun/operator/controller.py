@@ -56,6 +56,7 @@ from optrun.operator import builders, metrics, reconcile, scrape
 from optrun.operator.config import OperatorConfig
 from optrun.operator.kube import JSON, ApiError, Kube
 from optrun.operator.pods import PodView
+from optrun.operator.status import METRICS as METRICS_AVAILABLE
 from optrun.operator.status import Event, clip, timestamp
 
 log = logging.getLogger(__name__)
@@ -417,6 +418,9 @@ class Controller:
                 metrics.SCRAPE_ERRORS.inc()
                 scrape_error = str(err)
                 log.debug("%s/%s: scrape failed: %s", namespace, meta["name"], err)
+                fresh = self._pod_that_stopped_answering(run, expected[0])
+                if fresh is not None and fresh.state != "running":
+                    views[expected[0]], scrape_error = fresh, None
         return reconcile.Observed(
             run=run,
             pods=views,
@@ -426,6 +430,24 @@ class Controller:
             spec_changes=spec_changes,
             started_spec=self._started_spec(run),
         )
+
+    def _pod_that_stopped_answering(self, run: Mapping[str, Any], name: str) -> PodView | None:
+        """The pod as the API server has it now, when a runtime that served its metrics stops
+        answering: its process most likely ended, and the watch's event of that (the kubelet's
+        status write, or a watch that is down) lags the closed port. Read once per such stop,
+        not on every failed look (a pod the operator never reached costs no reads)."""
+        conditions = (run.get("status") or {}).get("conditions") or []
+        if not any(c.get("type") == METRICS_AVAILABLE and c.get("status") == "True" for c in conditions):
+            return None
+        meta = run["metadata"]
+        try:
+            found = self.kube.get_pod(meta["namespace"], name)
+        except ApiError:
+            return None  # the reconcile goes on with what the watch showed
+        if found is None or _labels(found).get(builders.LABEL_RUN_UID) != meta["uid"]:
+            return None
+        self.cache.remember_pod(meta["uid"], found)
+        return PodView.from_pod(found)
 
     def _started_spec(self, run: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The spec in the run's ConfigMap, when its generation is not yet acted on (see

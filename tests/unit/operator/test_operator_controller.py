@@ -17,8 +17,9 @@ from optrun.operator import builders
 from optrun.operator.controller import Controller
 from optrun.operator.kube import ApiError
 from optrun.operator.main import on_pod_event
+from optrun.runtime.metrics import Metrics
 from tests.support.waiting import wait_for
-from tests.unit.operator.helpers import SPEC, UID, config, run_body, stamp
+from tests.unit.operator.helpers import SPEC, UID, config, result_message, run_body, stamp
 
 POD_1, POD_2 = builders.pod_name("demo", 1), builders.pod_name("demo", 2)
 SPEC_CM = builders.configmap_name("demo")
@@ -209,3 +210,49 @@ def test_a_running_pod_force_deleted_after_a_disruption_does_not_use_up_the_back
     else:
         assert (st["phase"], st["attempts"], st.get("failedAttempts", 0)) == ("Recovering", 2, 0)
         assert st["disruptedAttempts"] == 1 and api.pods() == [POD_2]
+
+
+# --- a runtime that stops answering -------------------------------------------------------------
+
+
+def test_a_runtime_that_ends_before_its_pod_event_arrives_is_judged_not_reported_unreachable() -> None:
+    """The runtime served /metrics (real HTTP, the runtime's own Metrics), then its process ended
+    and closed the port; the kubelet wrote the pod's final state, but the watch has not delivered
+    it (its event lags, or the watch is down). The next look must not tell the user that the
+    operator cannot reach the pod: it reads the pod itself and judges the finished attempt."""
+    metrics_server = Metrics()
+    metrics_server.set_stage("acceptance")
+    port = metrics_server.serve(0, addr="127.0.0.1")
+    run = run_body()
+    api = MemoryApi(run)
+    controller = Controller(config(status_batch_seconds=0, runtime_metrics_port=port), api)  # type: ignore[arg-type]
+    controller.converge(run, trigger="create")
+    running = {
+        "phase": "Running",
+        "podIP": "127.0.0.1",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [{"name": builders.CONTAINER, "state": {"running": {"startedAt": stamp(30)}}}],
+    }
+    seen = api.kubelet_reports(POD_1, running)
+
+    def look() -> dict[str, Any]:
+        # The timer's look, with kopf's pod index still showing the pod running.
+        controller.converge(
+            {**run, "status": api.status()}, trigger="timer", indexed_pods=[seen], scrape_metrics=True
+        )
+        return api.status()
+
+    st = look()
+    assert {c["type"]: c["status"] for c in st["conditions"]}["MetricsAvailable"] == "True"
+    assert st["progress"]["stage"] == "acceptance"
+    metrics_server.close()  # the runtime's process ends
+    finished = _failed_status(0)
+    finished["phase"] = "Succeeded"
+    finished["containerStatuses"][0]["state"]["terminated"].update(
+        reason="Completed", message=result_message(), finishedAt=stamp(0)
+    )
+    api.kubelet_reports(POD_1, finished)
+    st = look()
+    assert st["phase"] == "Succeeded" and st["decision"] == "GO", st
+    reasons = {c["type"]: c.get("reason") for c in st["conditions"]}
+    assert "MetricsAvailable" not in reasons and reasons["Running"] == "RuntimeFinished", reasons
