@@ -151,10 +151,10 @@ class OperatorConfig(BaseModel):
         gt=0.0,
         le=600.0,
         description=(
-            "The longest wait between two tries of a failed API request: watches and kopf's requests are "
-            "tried again 1, 1, 2, 3, 5, ... seconds apart up to this and never given up, so an API server "
-            "away or refusing for minutes (an upgrade, an authorizer still warming up) is waited out, as "
-            "client-go's informers do; the operator's own writes refused (403) are tried again this often."
+            "The longest wait between two tries of a failed API request. kopf's requests (its watches, "
+            "patches, peering) are tried again 1, 1, 2, 3, 5, ... seconds apart up to this and never given "
+            "up, so an API server away or refusing for minutes (an upgrade, an authorizer still warming up) "
+            "is waited out, as client-go's informers do; the operator's own failed writes wait at most this."
         ),
     )
     retry_backoff_seconds: float = Field(

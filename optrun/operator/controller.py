@@ -30,7 +30,7 @@ has seen, which includes its own last write (the patch's response). A preconditi
 turn each write that follows one of kopf's own annotation patches into a 409, a GET and a second
 write (measured: 4 in 10 status writes when 200 runs are created at once), for no safety gained.
 API errors propagate as `Retry` (the server's Retry-After, else 5 s for no answer, 429 and 5xx;
-apiRetryMaxSeconds, 30 s, for a refusal), which the run handlers turn into a
+30 s for a refusal; at most apiRetryMaxSeconds), which the run handlers turn into a
 kopf.TemporaryError: kopf retries the handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
 pod event that fails is queued again here (`retry_later`), with the same delays (`bug_delay` for
 anything but an API error): no swallowed error leaves a run without a next look.
@@ -419,7 +419,7 @@ class Controller:
                 scrape_error = str(err)
                 log.debug("%s/%s: scrape failed: %s", namespace, meta["name"], err)
                 fresh = self._pod_that_stopped_answering(run, expected[0])
-                if fresh is not None and fresh.state != "running":
+                if fresh is not None and fresh.finished:
                     views[expected[0]], scrape_error = fresh, None
         return reconcile.Observed(
             run=run,
@@ -593,10 +593,11 @@ def event_body(run_meta: Mapping[str, Any], event: Event, instance: str, when: d
 
 def _delay(err: ApiError, longest: float) -> float:
     """When to try again after an API error: the server's Retry-After, else soon for no answer,
-    throttling or a server error, less often for a refusal (`longest`: apiRetryMaxSeconds)."""
+    throttling or a server error, less often for a refusal or a conflict (30 s); never later
+    than `longest` (apiRetryMaxSeconds)."""
     if err.retry_after is not None:
         return max(0.5, err.retry_after)
-    return min(5.0, longest) if err.transient else longest
+    return min(5.0 if err.transient else 30.0, longest)
 
 
 def _labels(body: Mapping[str, Any]) -> Mapping[str, str]:

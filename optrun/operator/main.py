@@ -136,10 +136,10 @@ class Backoffs:
         self.cap = cap
 
     def __iter__(self) -> Iterator[float]:
-        a, b = 1.0, 1.0
+        a, b = min(1.0, self.cap), min(1.0, self.cap)
         while True:
-            yield min(a, self.cap)
-            a, b = b, a + b
+            yield a
+            a, b = b, min(a + b, self.cap)
 
 
 class SpecMemory(kopf.DiffBaseStorage):
