@@ -31,8 +31,8 @@ turn each write that follows one of kopf's own annotation patches into a 409, a 
 write (measured: 4 in 10 status writes when 200 runs are created at once), for no safety gained.
 API errors propagate as `Retry` (the server's Retry-After, else 5 s for no answer, 429 and 5xx;
 30 s for a refusal; at most apiRetryMaxSeconds), which the run handlers turn into a
-kopf.TemporaryError: kopf retries the handler after that delay. kopf does not retry its event handlers, so a reconcile triggered by a
-pod event that fails is queued again here (`retry_later`), with the same delays (`bug_delay` for
+kopf.TemporaryError: kopf retries the handler after that delay. kopf does not retry its event
+handlers, so a reconcile triggered by a pod event that fails is queued again here (`retry_later`), with the same delays (`bug_delay` for
 anything but an API error): no swallowed error leaves a run without a next look.
 """
 
@@ -56,8 +56,7 @@ from optrun.operator import builders, metrics, reconcile, scrape
 from optrun.operator.config import OperatorConfig
 from optrun.operator.kube import JSON, ApiError, Kube
 from optrun.operator.pods import PodView
-from optrun.operator.status import METRICS as METRICS_AVAILABLE
-from optrun.operator.status import Event, clip, timestamp
+from optrun.operator.status import METRICS, Event, clip, get_condition, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +435,8 @@ class Controller:
         answering: its process most likely ended, and the watch's event of that (the kubelet's
         status write, or a watch that is down) lags the closed port. Read once per such stop,
         not on every failed look (a pod the operator never reached costs no reads)."""
-        conditions = (run.get("status") or {}).get("conditions") or []
-        if not any(c.get("type") == METRICS_AVAILABLE and c.get("status") == "True" for c in conditions):
+        served = get_condition(reconcile.read_status(run), METRICS)
+        if served is None or served.status != "True":
             return None
         meta = run["metadata"]
         try:

@@ -19,7 +19,7 @@ from optrun.operator.kube import ApiError
 from optrun.operator.main import on_pod_event
 from optrun.runtime.metrics import Metrics
 from tests.support.waiting import wait_for
-from tests.unit.operator.helpers import SPEC, UID, config, result_message, run_body, stamp
+from tests.unit.operator.helpers import SPEC, UID, config, pod_body, result_message, run_body, stamp
 
 POD_1, POD_2 = builders.pod_name("demo", 1), builders.pod_name("demo", 2)
 SPEC_CM = builders.configmap_name("demo")
@@ -220,19 +220,14 @@ def test_a_runtime_that_ends_before_its_pod_event_arrives_is_judged_not_reported
     and closed the port; the kubelet wrote the pod's final state, but the watch has not delivered
     it (its event lags, or the watch is down). The next look must not tell the user that the
     operator cannot reach the pod: it reads the pod itself and judges the finished attempt."""
+    running = pod_body(config(), 1, "running")["status"]
     metrics_server = Metrics()
     metrics_server.set_stage("acceptance")
-    port = metrics_server.serve(0, addr="127.0.0.1")
+    port = metrics_server.serve(0, addr=running["podIP"])  # a loopback address, as the pod's IP
     run = run_body()
     api = MemoryApi(run)
     controller = Controller(config(status_batch_seconds=0, runtime_metrics_port=port), api)  # type: ignore[arg-type]
     controller.converge(run, trigger="create")
-    running = {
-        "phase": "Running",
-        "podIP": "127.0.0.1",
-        "conditions": [{"type": "PodScheduled", "status": "True"}],
-        "containerStatuses": [{"name": builders.CONTAINER, "state": {"running": {"startedAt": stamp(30)}}}],
-    }
     seen = api.kubelet_reports(POD_1, running)
 
     def look() -> dict[str, Any]:
@@ -246,12 +241,7 @@ def test_a_runtime_that_ends_before_its_pod_event_arrives_is_judged_not_reported
     assert {c["type"]: c["status"] for c in st["conditions"]}["MetricsAvailable"] == "True"
     assert st["progress"]["stage"] == "acceptance"
     metrics_server.close()  # the runtime's process ends
-    finished = _failed_status(0)
-    finished["phase"] = "Succeeded"
-    finished["containerStatuses"][0]["state"]["terminated"].update(
-        reason="Completed", message=result_message(), finishedAt=stamp(0)
-    )
-    api.kubelet_reports(POD_1, finished)
+    api.kubelet_reports(POD_1, pod_body(config(), 1, "succeeded", message=result_message())["status"])
     st = look()
     assert st["phase"] == "Succeeded" and st["decision"] == "GO", st
     reasons = {c["type"]: c.get("reason") for c in st["conditions"]}
